@@ -1,0 +1,85 @@
+"""Small building blocks shared by every model: norm factory, conv-bn-relu, heads, resize helpers."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def norm2d(channels: int, **kwargs) -> nn.Module:
+    """The one norm factory. SyncBN is obtained by converting the built model (utils.dist), not here."""
+    return nn.BatchNorm2d(channels, **kwargs)
+
+
+def bn_relu(channels: int) -> nn.Sequential:
+    return nn.Sequential(norm2d(channels), nn.ReLU(inplace=True))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize to an exact size (align_corners=False, as every resize of the original)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def resize_as(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return resize(x, ref.shape[-2:])
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """floor(H*s), floor(W*s): what F.interpolate(scale_factor=s, recompute_scale_factor=True) produces."""
+    return int(math.floor(height * scale)), int(math.floor(width * scale))
+
+
+def rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Bilinear resize of an image batch by a factor; identity for 1.0."""
+    if scale == 1.0:
+        return x
+    return resize(x, scaled_size(x.shape[-2], x.shape[-1], scale))
+
+
+def seg_head(in_ch: int, num_classes: int, bot_ch: int = 256) -> nn.Sequential:
+    """Conv3-BN-ReLU, Conv3-BN-ReLU, Conv1 (no biases): the DeepLabV3+ `final` layout of the original."""
+    return nn.Sequential(
+        nn.Conv2d(in_ch, bot_ch, 3, padding=1, bias=False),
+        norm2d(bot_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(bot_ch, bot_ch, 3, padding=1, bias=False),
+        norm2d(bot_ch),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(bot_ch, num_classes, 1, bias=False),
+    )
+
+
+def attn_head(in_ch: int, bot_ch: int = 256, out_ch: int = 1) -> nn.Sequential:
+    """Scale-attention head (original `make_attn_head`): named layers, sigmoid output in (0, 1)."""
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("conv0", nn.Conv2d(in_ch, bot_ch, 3, padding=1, bias=False)),
+                ("bn0", norm2d(bot_ch)),
+                ("re0", nn.ReLU(inplace=True)),
+                ("conv1", nn.Conv2d(bot_ch, bot_ch, 3, padding=1, bias=False)),
+                ("bn1", norm2d(bot_ch)),
+                ("re1", nn.ReLU(inplace=True)),
+                ("conv2", nn.Conv2d(bot_ch, out_ch, 1, bias=False)),
+                ("sig", nn.Sigmoid()),
+            ]
+        )
+    )
+
+
+def kaiming_init(*modules: nn.Module) -> None:
+    """The original's `initialize_weights`: kaiming-normal convs/linears with zero bias, BN weight 1 bias 0."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)

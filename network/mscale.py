@@ -1,0 +1,93 @@
+"""Hierarchical multi-scale attention (Tao et al. 2020): two-scale training, n-scale inference.
+
+A subclass implements `single_forward(x) -> {'pred', 'attn'[, 'aux']}`, every map at the size of `x`
+(`attn` is a sigmoid weight with one channel). All fusion happens on logits, lower scales having priority:
+    pred = a_0.5 * p_0.5 + (1 - a_0.5) * [a_1 * p_1 + (1 - a_1) * down(p_2)]   (all resized to 1x)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import rescale, resize, resize_as
+
+FUSED_KEYS = ("pred", "aux")  # outputs fused across scales when a model produces them
+
+
+def scale_key(prefix: str, scale: float) -> str:
+    """'pred', 0.5 -> 'pred_0.5x' (the original's key format)."""
+    return f"{prefix}_{float(scale)}x"
+
+
+def check_scales(scales: Sequence[float]) -> list[float]:
+    """Validated inference scales, sorted high to low (the order the chain evaluates them)."""
+    scales = [float(s) for s in scales]
+    bad = [s for s in scales if not s > 0]
+    if bad:
+        raise ValueError(f"inference scales must be positive, got {bad} in {scales}")
+    if 1.0 not in scales:
+        raise ValueError(f"inference scales must contain 1.0 (the output resolution), got {scales}")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"inference scales must be distinct, got {scales}")
+    return sorted(scales, reverse=True)
+
+
+def fuse_step(fused: torch.Tensor | None, scale: float, pred: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """One link of the hierarchical chain, scales visited high to low.
+
+    At scales >= 1 the running result is resized to the current scale; below 1 the current scale's weighted
+    prediction is upsampled to the running result (which then stays at 1x). The product a*p is formed at the
+    low resolution and upsampled, and the attention is upsampled separately, as in the original.
+    """
+    if fused is None:
+        return pred
+    if scale >= 1.0:
+        return attn * pred + (1 - attn) * resize_as(fused, pred)
+    return resize_as(attn * pred, fused) + (1 - resize_as(attn, fused)) * fused
+
+
+class MscaleBase(nn.Module):
+    """Wraps a single-scale network (`single_forward`) in hierarchical multi-scale attention."""
+
+    lo_scale: float = 0.5
+
+    def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+        if self.training and scales is None:
+            return self.two_scale_forward(images)
+        return self.nscale_forward(images, scales if scales is not None else (self.lo_scale, 1.0))
+
+    def two_scale_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training: the low-scale copy and the input through the shared network, fused by the low attention."""
+        lo = self.single_forward(rescale(images, self.lo_scale))
+        hi = self.single_forward(images)
+        out: dict[str, torch.Tensor] = {scale_key("attn", self.lo_scale): lo["attn"]}
+        for key in FUSED_KEYS:
+            if key in hi:
+                out[key] = fuse_step(hi[key], self.lo_scale, lo[key], lo["attn"])
+                out[scale_key(key, self.lo_scale)] = lo[key]
+                out[scale_key(key, 1.0)] = hi[key]
+        return out
+
+    def nscale_forward(self, images: torch.Tensor, scales: Sequence[float]) -> dict[str, torch.Tensor]:
+        """Inference on any scale set containing 1.0; returns the fused maps and every scale's own."""
+        out: dict[str, torch.Tensor] = {}
+        fused: dict[str, torch.Tensor | None] = {k: None for k in FUSED_KEYS}
+        for s in check_scales(scales):
+            single = self.single_forward(rescale(images, s))
+            out[scale_key("attn", s)] = single["attn"]
+            for key in FUSED_KEYS:
+                if key in single:
+                    out[scale_key(key, s)] = single[key]
+                    fused[key] = fuse_step(fused[key], s, single[key], single["attn"])
+        out.update({k: v for k, v in fused.items() if v is not None})
+        return out
+
+
+def upsample_outputs(outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Every map of a model output dict resized to `size` (for losses and dumps)."""
+    return {k: resize(v, size) for k, v in outputs.items()}

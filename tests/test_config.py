@@ -1,0 +1,95 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from utils.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict, to_yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_the_demo():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.name == "hmsa_deeplabv3plus"
+    assert cfg.eval.scales == (0.5, 1.0, 2.0)
+
+
+def test_overrides_parse_as_yaml():
+    cfg = load_config(None, ["train.lr=5e-3", "eval.scales=[0.25,0.5,1.0,2.0]", "data.crop_size=[64,96]",
+                             "eval.flip=true", "model.options.trunk=resnet50"])
+    assert cfg.train.lr == 5e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.eval.scales == (0.25, 0.5, 1.0, 2.0)
+    assert cfg.data.crop_size == (64, 96)
+    assert cfg.eval.flip is True
+    # an override edits the options in place, keeping the other defaults
+    assert cfg.model.options["trunk"] == "resnet50" and cfg.model.options["aspp_ch"] == 64
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*did you mean 'train\.lr'"):
+        load_config(None, ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"did you mean 'eval'"):
+        load_config(None, ["evl.flip=true"])
+
+
+def test_wrong_type_names_key_expected_and_given():
+    with pytest.raises(ConfigError, match=r"train\.max_iter: expected int, got str 'many'"):
+        load_config(None, ["train.max_iter=many"])
+    with pytest.raises(ConfigError, match=r"eval\.flip: expected bool, got int"):
+        load_config(None, ["eval.flip=3"])
+    with pytest.raises(ConfigError, match=r"data\.crop_size: expected 2 values, got 3"):
+        load_config(None, ["data.crop_size=[1,2,3]"])
+    with pytest.raises(ConfigError, match=r"train\.precision: expected one of"):
+        load_config(None, ["train.precision=fp8"])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_yaml_base_and_options_replacement(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.02\nmodel:\n  options: {trunk: resnet50}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  max_iter: 7\n")
+    cfg = load_config(str(tmp_path / "child.yaml"), ["train.seed=3"])
+    assert (cfg.train.lr, cfg.train.max_iter, cfg.train.seed) == (0.02, 7, 3)
+    # a recipe's options replace the demo's narrow widths as a whole
+    assert cfg.model.options == {"trunk": "resnet50"}
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\n")
+    with pytest.raises(ConfigError, match="only one level"):
+        load_config(str(tmp_path / "grandchild.yaml"))
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(bad))
+
+
+def test_round_trip_and_diff():
+    cfg = load_config(None, ["train.lr=0.5", "eval.scales=[1.0]"])
+    again = from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+    assert diff_configs(cfg, cfg) == []
+    assert diff_configs(cfg, load_config()) == ["eval.scales: [1.0] -> [0.5, 1.0, 2.0]", "train.lr: 0.5 -> 0.01"]
+
+
+def test_config_is_immutable():
+    cfg = load_config()
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_recipe_loads(path):
+    cfg = load_config(path)
+    assert to_dict(cfg)["model"]["name"]

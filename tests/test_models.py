@@ -1,0 +1,169 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import network
+from network.mscale import MscaleBase, check_scales
+
+TINY = {"trunk": "resnet18", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16}
+REF = "/work/shared/reference/keys"
+
+
+def tiny_options(name: str) -> dict:
+    opts = dict(TINY)
+    if "hmsa" in name:
+        opts["attn_ch"] = 16
+    valid = network.model_options(name)
+    return {k: v for k, v in opts.items() if k in valid}
+
+
+DEEPLAB_MODELS = ["deeplabv3plus", "hmsa_deeplabv3plus"]
+
+
+@pytest.mark.parametrize("name", DEEPLAB_MODELS)
+def test_forward_backward_and_keys(name):
+    torch.manual_seed(0)
+    model = network.build_model(name, 5, **tiny_options(name))
+    x = torch.randn(2, 3, 64, 96)
+    model.train()
+    out = model(x)
+    expected = {"pred"} if "hmsa" not in name else {"pred", "pred_0.5x", "pred_1.0x", "attn_0.5x"}
+    assert set(out) == expected
+    assert out["pred"].shape == (2, 5, 64, 96)
+    out["pred"].sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        ev = model(x)
+    assert ev["pred"].shape == (2, 5, 64, 96)
+
+
+def test_nscale_outputs_and_shapes():
+    torch.manual_seed(0)
+    model = network.build_model("hmsa_deeplabv3plus", 3, **tiny_options("hmsa_deeplabv3plus")).eval()
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        out = model(x, scales=[0.25, 0.5, 1.0, 2.0])
+    assert out["pred"].shape == (1, 3, 64, 128)
+    assert out["pred_2.0x"].shape == (1, 3, 128, 256)
+    assert out["pred_0.25x"].shape == (1, 3, 16, 32)
+    assert out["attn_0.5x"].shape == (1, 1, 32, 64)
+    a = out["attn_1.0x"]
+    assert (a > 0).all() and (a < 1).all()
+
+
+@pytest.mark.parametrize("name,keys,params", [
+    ("deepv3.DeepV3PlusR50", 363, 40_351_040),
+    ("mscale.DeepV3R50", 376, 41_642_560),
+])
+def test_original_key_layout(name, keys, params):
+    model = network.build_model(name, 19)
+    sd = model.state_dict()
+    assert len(sd) == keys
+    assert sum(p.numel() for p in model.parameters()) == params
+    with open(f"{REF}/{name}.txt") as f:
+        ref = dict(line.split("\t")[:2] for line in f if not line.startswith("#"))
+    assert {k: str(list(v.shape)) for k, v in sd.items()} == ref
+
+
+def test_resnet_trunk_dilation_pattern():
+    model = network.build_model("mscale.DeepV3R50", 19)
+    bb = model.backbone
+    for layer, d in ((bb.layer3, 2), (bb.layer4, 4)):
+        for block in layer:
+            assert block.conv2.dilation == (d, d) and block.conv2.padding == (d, d) and block.conv2.stride == (1, 1)
+        assert block.conv1.stride == (1, 1)
+        assert layer[0].downsample[0].stride == (1, 1)
+    s4, high = bb(torch.randn(1, 3, 64, 64))
+    assert s4.shape == (1, 256, 16, 16) and high.shape == (1, 2048, 8, 8)
+    rates = [f[0].dilation for f in model.aspp.features[1:]]
+    assert rates == [(12, 12), (24, 24), (36, 36)]
+
+
+def test_generic_timm_trunk():
+    model = network.build_model("hmsa_deeplabv3plus", 4, trunk="mobilenetv3_small_050", aspp_ch=8, fine_ch=8,
+                                head_ch=8, attn_ch=8)
+    out = model.eval()(torch.randn(1, 3, 64, 64), scales=[0.5, 1.0])
+    assert out["pred"].shape == (1, 4, 64, 64)
+
+
+def test_aliases_and_bad_options():
+    assert "mscale.DeepV3R50" in network.list_models(include_aliases=True)
+    with pytest.raises(ValueError, match="did you mean 'hmsa_deeplabv3plus'"):
+        network.build_model("hmsa_deeplabv3plu", 19)
+    with pytest.raises(ValueError, match="no option 'atn_ch'.*did you mean 'attn_ch'"):
+        network.build_model("hmsa_deeplabv3plus", 19, atn_ch=3)
+    with pytest.raises(ValueError, match="fixes trunk='resnet50'"):
+        network.build_model("mscale.DeepV3R50", 19, trunk="resnet18")
+    with pytest.raises(ValueError, match="unknown trunk"):
+        network.build_model("deeplabv3plus", 19, trunk="resnet_does_not_exist")
+
+
+@pytest.mark.parametrize("scales", [[0.5, 2.0], [0.0, 1.0], [-1.0, 1.0], [1.0, 1.0]])
+def test_bad_scale_sets(scales):
+    with pytest.raises(ValueError, match="scales"):
+        check_scales(scales)
+
+
+# ------------------------------------------------------------------------ fusion against a hand-written reference
+
+
+class Toy(MscaleBase):
+    """Deterministic per-pixel maps so that the fusion can be checked against explicit formulas."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Conv2d(3, 4, 3, padding=1)
+        self.att = nn.Conv2d(3, 1, 3, padding=1)
+        self.lo_scale = 0.5
+
+    def single_forward(self, x):
+        return {"pred": self.cls(x), "attn": torch.sigmoid(self.att(x)), "aux": self.cls(x) * 2}
+
+
+def up(t, size):
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+
+def test_nscale_fusion_matches_hand_written_chain():
+    torch.manual_seed(0)
+    net = Toy().eval()
+    x = torch.randn(2, 3, 37, 50)  # odd sizes: floor(H*s) matters
+    H, W = 37, 50
+    with torch.no_grad():
+        out = net(x, scales=[0.25, 0.5, 1.0, 2.0])
+        per = {}
+        for s in (2.0, 1.0, 0.5, 0.25):
+            xs = x if s == 1.0 else up(x, (math.floor(H * s), math.floor(W * s)))
+            per[s] = (net.cls(xs), torch.sigmoid(net.att(xs)))
+        p2, _ = per[2.0]
+        p1, a1 = per[1.0]
+        pred = a1 * p1 + (1 - a1) * up(p2, (H, W))
+        for s in (0.5, 0.25):
+            p, a = per[s]
+            pred = up(a * p, (H, W)) + (1 - up(a, (H, W))) * pred
+    assert out["pred_0.25x"].shape[-2:] == (9, 12)
+    torch.testing.assert_close(out["pred"], pred, rtol=0, atol=0)
+    torch.testing.assert_close(out["aux"].shape, pred.shape)
+
+
+def test_two_scale_training_matches_formula_and_eval():
+    torch.manual_seed(0)
+    net = Toy().train()
+    x = torch.randn(1, 3, 40, 30)
+    out = net(x)
+    xs = up(x, (20, 15))
+    p_lo, a_lo = net.cls(xs), torch.sigmoid(net.att(xs))
+    p_1 = net.cls(x)
+    joint = up(a_lo * p_lo, (40, 30)) + (1 - up(a_lo, (40, 30))) * p_1
+    torch.testing.assert_close(out["pred"], joint, rtol=0, atol=0)
+    torch.testing.assert_close(out["aux"], up(a_lo * 2 * p_lo, (40, 30)) + (1 - up(a_lo, (40, 30))) * 2 * p_1)
+    assert set(out) == {"pred", "aux", "pred_0.5x", "pred_1.0x", "aux_0.5x", "aux_1.0x", "attn_0.5x"}
+    # evaluation on (0.5, 1.0) is the same computation as the two-scale training forward
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)["pred"], joint.detach(), rtol=0, atol=0)

@@ -1,0 +1,226 @@
+"""Checkpoints: atomic writes, auto-resume, and loading of ours and the original's snapshots.
+
+Our files hold {'format': 'hmsa', 'arch', 'num_classes', 'config', 'model', 'optimizer', 'scheduler', 'scaler',
+'iteration', 'epoch', 'best', 'rng', ...}. The original's hold {'state_dict': {'module.' + key: tensor}, 'arch',
+'num_classes', 'epoch', 'optimizer', 'mean_iu', 'command'} (REFERENCE.md 1.5 and 3); both load here.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# Renames from the original's key layout to ours (prefix -> prefix). Our modules are named after the original's,
+# so only wrapper prefixes need handling.
+KEY_RENAMES: tuple[tuple[str, str], ...] = (("module.", ""),)
+
+CKPT_PATTERN = "ckpt_{:08d}.pth"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the model; the message names the file."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU, with a clear error for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: our checkpoints hold plain Python containers (config, RNG states) besides tensors.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def normalize_key(key: str) -> str:
+    for src, dst in KEY_RENAMES:
+        if key.startswith(src):
+            key = dst + key[len(src):]
+    return key
+
+
+def extract_state_dict(ckpt: dict[str, Any], path: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The model weights of our format, the original's ('state_dict', 'module.' prefix) or a bare state dict."""
+    for field_name in ("model", "state_dict"):
+        if field_name in ckpt and isinstance(ckpt[field_name], dict):
+            sd = ckpt[field_name]
+            break
+    else:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            sd = ckpt
+        else:
+            raise CheckpointError(f"{path}: no model weights found (keys: {sorted(ckpt)[:10]})")
+    return {normalize_key(k): v for k, v in sd.items()}
+
+
+def _short(keys: list[str], n: int = 8) -> str:
+    more = f", ... ({len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+@dataclass
+class LoadReport:
+    """What a load did: keys loaded, and those skipped with the reason."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the file
+    unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
+    mismatched: list[str] = field(default_factory=list)  # "key: file shape vs model shape"
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        lines = [f"{self.path}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            lines.append(f"  not in the file (kept initialised) [{len(self.missing)}]: {_short(self.missing)}")
+        if self.mismatched:
+            lines.append(f"  shape differs (skipped) [{len(self.mismatched)}]: {_short(self.mismatched)}")
+        if self.unexpected:
+            lines.append(f"  not in the model (ignored) [{len(self.unexpected)}]: {_short(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def load_state_dict_checked(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: str,
+    strict: bool = True,
+    min_fraction: float = 0.5,
+) -> LoadReport:
+    """Copy tensors whose name and shape match.
+
+    strict: every key must match both ways, else CheckpointError listing missing, unexpected, mismatched keys.
+    not strict (fine-tuning): load what matches and report the rest; fewer than `min_fraction` of the model's keys
+    matching is still an error (a snapshot of another architecture is not a silent no-op).
+    """
+    own = model.state_dict()
+    report = LoadReport(path)
+    merged = dict(own)
+    for key, tensor in own.items():
+        if key not in state:
+            report.missing.append(key)
+        elif tuple(state[key].shape) != tuple(tensor.shape):
+            report.mismatched.append(f"{key}: {tuple(state[key].shape)} vs {tuple(tensor.shape)}")
+        else:
+            merged[key] = state[key].to(dtype=tensor.dtype)
+            report.loaded.append(key)
+    report.unexpected = [k for k in state if k not in own]
+    if strict and not report.complete:
+        raise CheckpointError(
+            f"{path} does not match the model ({type(model).__name__}):\n" + report.summary()
+            + "\n(for a deliberate partial load, e.g. another class count, load with strict=False)"
+        )
+    if len(report.loaded) < min_fraction * len(own):
+        raise CheckpointError(
+            f"{path}: only {len(report.loaded)} of the model's {len(own)} tensors match; "
+            f"this is a checkpoint of another architecture:\n" + report.summary()
+        )
+    model.load_state_dict(merged)
+    return report
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True) -> LoadReport:
+    """Load model weights from our checkpoint or an original snapshot; see `load_state_dict_checked`."""
+    ckpt = read_checkpoint(path)
+    return load_state_dict_checked(model, extract_state_dict(ckpt, path), path, strict=strict)
+
+
+# ----------------------------------------------------------------------------------------------- run folders
+
+
+def checkpoint_paths(run_dir: str) -> list[str]:
+    """Our checkpoints in a run folder, newest (highest iteration) first."""
+    found = glob.glob(os.path.join(run_dir, "ckpt_*.pth"))
+
+    def iteration(p: str) -> int:
+        m = re.search(r"ckpt_(\d+)\.pth$", p)
+        return int(m.group(1)) if m else -1
+
+    return sorted((p for p in found if iteration(p) >= 0), key=iteration, reverse=True)
+
+
+def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint that reads back; an unreadable newer one (a killed write) falls back to the previous."""
+    for path in checkpoint_paths(run_dir):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError:
+            continue
+    return None
+
+
+def save_run_checkpoint(run_dir: str, iteration: int, state: dict[str, Any], keep: int = 2) -> str:
+    """Write ckpt_<iteration>.pth atomically and delete all but the newest `keep`."""
+    path = os.path.join(run_dir, CKPT_PATTERN.format(iteration))
+    atomic_save(state, path)
+    for old in checkpoint_paths(run_dir)[keep:]:
+        os.remove(old)
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> LoadReport:
+    """ImageNet initialisation of a trunk from a classification checkpoint.
+
+    The trunk's `imagenet_key(key) -> key | None` maps the file's names to its own and drops the classifier;
+    everything else must match (name and shape), otherwise the error names the file and the keys.
+    """
+    state = extract_state_dict(read_checkpoint(path), path)
+    mapped = {}
+    dropped = []
+    for key, tensor in state.items():
+        new = trunk.imagenet_key(key)
+        if new is None:
+            dropped.append(key)
+        else:
+            mapped[new] = tensor
+    report = load_state_dict_checked(trunk, mapped, path, strict=True)
+    report.unexpected = dropped  # the classifier keys, dropped by design
+    return report

@@ -1,0 +1,318 @@
+"""Typed configuration: a tree of frozen dataclasses, YAML recipes and dotted CLI overrides.
+
+Merge order: schema defaults -> YAML (with at most one level of ``base:``) -> ``key.sub=value`` overrides.
+The schema defaults are the embedded demo: ``python train.py`` with no arguments trains on generated data.
+Nothing here reads global state; a loaded ``Config`` is immutable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    # Procedurally generated Cityscapes-layout data (datasets/synthetic.py), written on first use.
+    num_train: int = 160
+    num_val: int = 24
+    height: int = 128
+    width: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cityscapes"
+    root: str = "data/synthetic_cityscapes"
+    generate: bool = True  # write the synthetic dataset at `root` when the folder does not exist
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    train_split: str = "train"
+    val_split: str = "val"
+    cv: int = 0
+    crop_size: tuple[int, int] = (128, 128)  # (height, width)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    pre_size: int = 0  # long edge resized to this before random scaling (0: off)
+    hflip: bool = True
+    color_aug: float = 0.25
+    gblur: bool = True
+    bblur: bool = False  # bilateral blur (takes precedence over gblur)
+    rand_augment: tuple[int, ...] = ()  # (N, M): N RandAugment ops of magnitude M/30 on image+mask; () off
+    eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0 keeps the native size
+    eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
+    skip_bad: bool = False  # log and skip unreadable samples instead of stopping
+    batch_size: int = 8  # per process
+    val_batch_size: int = 4
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "hmsa_deeplabv3plus"
+    # Keyword options of the model factory, validated against its signature by network.build_model.
+    options: dict[str, Any] = field(
+        default_factory=lambda: {
+            "trunk": "resnet18",
+            "aspp_ch": 64,
+            "fine_ch": 32,
+            "head_ch": 64,
+            "attn_ch": 64,
+        }
+    )
+    norm: str = "bn"  # bn | syncbn (syncbn is converted when the world has more than one process)
+    pretrained: str = ""  # ImageNet trunk weights file ('' keeps the random initialisation)
+    snapshot: str = ""  # full-model weights loaded before training or evaluation (ours or the original's)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Each term's function: ce (softmax CE) | bce (sigmoid BCE) | rmi (0.5·BCE + 0.5·RMI) | wce (per-image
+    # class-weighted CE). The original's --rmi_loss recipe is main=rmi, aux=bce, scale=bce.
+    main: str = "ce"  # criterion of the fused prediction
+    aux: str = "ce"  # criterion of the auxiliary output (models that have one)
+    aux_weight: float = 0.4
+    scale: str = "ce"  # criterion of each scale's own prediction (pred_{s}x, upsampled to the label size)
+    scale_weight: float = 0.0
+    wce_upper_bound: float = 1.0  # wce class weight: (class present)·bound·(1 − frequency) + 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_exp: float = 1.0
+    lr_step: str = "iter"  # iter: poly stepped per iteration | epoch: the original's per-epoch step
+    max_iter: int = 500  # > 0: iteration budget; 0: use max_epoch
+    max_epoch: int = 0
+    log_interval: int = 10
+    ckpt_interval: int = 250  # iterations between checkpoints (and one at the end)
+    val_interval: int = 0  # iterations between validations (0: only at the end)
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    output_dir: str = "runs"
+    run_name: str = "demo"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    flip: bool = False
+    num_dump: int = 8  # images whose predictions and attention maps are written
+    dump_dir: str = "eval"  # relative to the run folder
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": ("bn", "syncbn"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.lr_step": ("iter", "epoch"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the schema's representation."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section), got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {list(value)!r}")
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+    else:
+        raise TypeError(f"unsupported annotation {tp} at {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    where = f"{key}.{name}" if key else name
+    hint = f"; did you mean '{(key + '.') if key else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{where}'{hint} (valid keys here: {', '.join(valid)})")
+
+
+def _build(cls: type, values: dict[str, Any], key: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise _unknown_key(key, str(name), names)
+        sub = f"{key}.{name}" if key else name
+        kwargs[name] = _coerce(value, hints[name], sub)
+        if sub in CHOICES and kwargs[name] not in CHOICES[sub]:
+            raise ConfigError(f"{sub}: expected one of {list(CHOICES[sub])}, got {kwargs[name]!r}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain dict/list representation (tuples become lists), suitable for YAML and checkpoints."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build a Config from a (possibly partial) nested dict; missing keys take the schema defaults."""
+    return _build(Config, _merge(to_dict(Config()), values))
+
+
+# ----------------------------------------------------------------------------------------------- merging
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_yaml_values(path: str) -> dict[str, Any]:
+    """Values of a recipe, with its `base:` (one level, relative to the recipe) merged underneath."""
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = os.path.join(os.path.dirname(path), base)
+    parent = _read_yaml(base_path)
+    if "base" in parent:
+        raise ConfigError(f"{base_path}: only one level of 'base:' is allowed (it names {parent['base']!r})")
+    return _merge(parent, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=5e-3' -> (['train', 'lr'], '5e-3'): the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def _set_path(values: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = values
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults, then the YAML recipe at `path` (if any), then dotted `overrides`."""
+    # A recipe's model.options replaces the defaults' as a whole; an override edits the merged result in place.
+    values = _merge(to_dict(Config()), load_yaml_values(path) if path else {})
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_path(values, parts, value)
+    return _build(Config, values)
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (for resume checks)."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, key: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
+        elif x != y:
+            out.append(f"{key}: {x!r} -> {y!r}")
+
+    walk(to_dict(a), to_dict(b), "")
+    return out
