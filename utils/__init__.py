@@ -1,0 +1,1 @@
+"""Configuration, distributed helpers, checkpoints, metrics, training/evaluation engine, visualisation."""
