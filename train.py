@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     while state.iteration < max_iter:
         epoch_start = state.epoch * iters_per_epoch
-        train_loader.sampler.set_epoch(state.epoch, start_batch=max(0, state.iteration - epoch_start))
+        train_loader.sampler.set_epoch(state.epoch, skip=(state.iteration - epoch_start) * cfg.data.batch_size)
         train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, state, max_iter,
                         dist.device, cfg.train.precision, on_step, step_lr_per_iter=per_iter)
         if state.iteration >= epoch_start + iters_per_epoch:

@@ -74,9 +74,12 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
 
 def _register_builtin() -> None:
     from .deeplab import DeepV3Plus, MscaleDeepV3Plus
+    from .ocrnet import MscaleOCRNet, OCRNet
 
     register_model("deeplabv3plus", aliases={"deepv3.DeepV3PlusR50": {"trunk": "resnet50"}})(DeepV3Plus)
     register_model("hmsa_deeplabv3plus", aliases={"mscale.DeepV3R50": {"trunk": "resnet50"}})(MscaleDeepV3Plus)
+    register_model("ocrnet_hrnet_w48", aliases={"ocrnet.HRNet": {"trunk": "hrnet_w48"}})(OCRNet)
+    register_model("hmsa_ocrnet_hrnet_w48", aliases={"ocrnet.HRNet_Mscale": {"trunk": "hrnet_w48"}})(MscaleOCRNet)
 
 
 _register_builtin()

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import network
 from network.mscale import MscaleBase, check_scales
 
 TINY = {"trunk": "resnet18", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16}
-REF = "/work/shared/reference/keys"
+REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys")
 
 
 def tiny_options(name: str) -> dict:
@@ -167,3 +168,27 @@ def test_two_scale_training_matches_formula_and_eval():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(net(x)["pred"], joint.detach(), rtol=0, atol=0)
+
+
+def test_imagenet_resnet_file_loads_into_the_trunk(tmp_path):
+    """A torchvision-layout classification file (conv1/bn1/layer*/fc, no num_batches_tracked) initialises layer0..4."""
+    from utils.checkpoint import CheckpointError, load_trunk_weights
+
+    src = network.build_model("deeplabv3plus", 19, **tiny_options("deeplabv3plus")).backbone
+    state = {}
+    for k, v in src.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        k = k.replace("layer0.0.", "conv1.").replace("layer0.1.", "bn1.")
+        state[k] = torch.randn_like(v.float()).to(v.dtype)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    torch.save(state, tmp_path / "resnet18_imagenet.pth")
+    dst = network.build_model("deeplabv3plus", 19, **tiny_options("deeplabv3plus")).backbone
+    report = load_trunk_weights(dst, str(tmp_path / "resnet18_imagenet.pth"))
+    assert sorted(report.unexpected) == ["fc.bias", "fc.weight"]
+    assert torch.equal(dst.layer0[0].weight, state["conv1.weight"])
+    assert torch.equal(dst.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"broken\.pth.*\n.*layer1\.0\.conv1\.weight"):
+        load_trunk_weights(dst, str(tmp_path / "broken.pth"))

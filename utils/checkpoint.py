@@ -221,6 +221,10 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> LoadReport:
             dropped.append(key)
         else:
             mapped[new] = tensor
+    # Older classification files (e.g. torchvision's) predate BN's num_batches_tracked counter.
+    for key, value in trunk.state_dict().items():
+        if key.endswith("num_batches_tracked") and key not in mapped:
+            mapped[key] = value
     report = load_state_dict_checked(trunk, mapped, path, strict=True)
     report.unexpected = dropped  # the classifier keys, dropped by design
     return report

@@ -1,0 +1,90 @@
+"""End to end on generated data: train, checkpoint, resume, evaluate, dump images."""
+import json
+import os
+
+import pytest
+import torch
+
+import eval as eval_script
+import train as train_script
+from utils.checkpoint import checkpoint_paths, read_checkpoint
+
+
+def overrides(tmp_path, max_iter=4, run="run"):
+    return [
+        f"data.root={tmp_path}/data",
+        "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+        "data.synthetic.height=64", "data.synthetic.width=128",
+        "data.crop_size=[64,64]", "data.batch_size=4", "data.val_batch_size=2", "data.num_workers=0",
+        "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
+        f"train.max_iter={max_iter}", "train.ckpt_interval=2", "train.log_interval=1",
+        f"train.output_dir={tmp_path}/runs", f"train.run_name={run}",
+        "eval.scales=[0.5,1.0]", "eval.num_dump=1",
+    ]
+
+
+def test_train_writes_run_folder_and_evaluates(tmp_path):
+    metrics = train_script.main(overrides(tmp_path))
+    run = tmp_path / "runs" / "run"
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert (run / "config.yaml").is_file()
+    assert [os.path.basename(p) for p in checkpoint_paths(str(run))] == ["ckpt_00000004.pth", "ckpt_00000002.pth"]
+    ckpt = read_checkpoint(str(run / "ckpt_00000004.pth"))
+    assert ckpt["state"]["iteration"] == 4 and ckpt["config"]["train"]["max_iter"] == 4
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert {"loss", "lr", "main"} <= set(rows[0])
+    assert any(r["split"] == "val" for r in rows)
+    assert list((run / "tb").iterdir())
+    results = json.load(open(run / "eval" / "results.json"))
+    assert results["scales"] == [0.5, 1.0] and len(results["per_class"]) == 19
+    names = {p.name for p in (run / "eval").iterdir()}
+    assert any(n.endswith("_attn_0.5x.png") for n in names)
+    assert any(n.endswith("_overlay.png") for n in names)
+
+    # eval.py reproduces the run from its own config.yaml, with another scale set
+    ev = eval_script.main(["--config", str(run / "config.yaml"), "eval.scales=[0.5,1.0,2.0]",
+                           "--out", str(tmp_path / "ev")])
+    assert json.load(open(tmp_path / "ev" / "results.json"))["scales"] == [0.5, 1.0, 2.0]
+    assert 0.0 <= ev["miou"] <= 1.0
+    assert any(p.name.endswith("_attn_2.0x.png") for p in (tmp_path / "ev").iterdir())
+
+
+def test_resume_continues_bit_identically(tmp_path, monkeypatch):
+    torch.use_deterministic_algorithms(True)
+    try:
+        train_script.main(overrides(tmp_path, max_iter=6, run="straight"))
+        straight = read_checkpoint(str(tmp_path / "runs" / "straight" / "ckpt_00000006.pth"))["model"]
+
+        real = train_script.train_one_epoch
+
+        def crash_at_5(*args, **kwargs):
+            state, on_step = args[6], args[10]
+
+            def step(scalars):
+                if state.iteration == 5:
+                    raise KeyboardInterrupt("simulated kill")
+                return on_step(scalars)
+
+            args = list(args)
+            args[10] = step
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train_script, "train_one_epoch", crash_at_5)
+        with pytest.raises(KeyboardInterrupt):
+            train_script.main(overrides(tmp_path, max_iter=6, run="resumed"))
+        monkeypatch.setattr(train_script, "train_one_epoch", real)
+        train_script.main(overrides(tmp_path, max_iter=6, run="resumed"))  # --resume auto is the default
+    finally:
+        torch.use_deterministic_algorithms(False)
+    log = open(tmp_path / "runs" / "resumed" / "train.log").read()
+    assert "resumed from" in log and "ckpt_00000004.pth" in log
+    resumed = read_checkpoint(str(tmp_path / "runs" / "resumed" / "ckpt_00000006.pth"))["model"]
+    for key, value in straight.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train_script.main(overrides(tmp_path, max_iter=2))
+    with pytest.raises(SystemExit, match="train.lr"):
+        train_script.main(overrides(tmp_path, max_iter=2) + ["train.lr=0.5"])
