@@ -52,6 +52,19 @@ class DataConfig:
     eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0 keeps the native size
     eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
     skip_bad: bool = False  # log and skip unreadable samples instead of stopping
+    class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
+    class_uniform_tile: int = 1024  # centroid tile size (pixels)
+    centroid_dir: str = ""  # centroid cache folder ('': $XDG_CACHE_HOME/hmsa/centroids)
+    coarse_boost_classes: tuple[int, ...] = ()  # Cityscapes train ids whose coarse (train_extra) data is added
+    custom_coarse_prob: float = 0.0  # > 0: autolabelled masks instead of gtCoarse; lower-probability pixels ignored
+    custom_coarse_dropout_classes: tuple[int, ...] = ()  # train ids whose human gtCoarse pixels join the autolabels
+    mask_out_cityscapes: bool = False  # autolabels: the ego-vehicle and border regions become ignore
+    autolabel_dir: str = "autolabelled"  # autolabel folder (relative to root unless absolute)
+    max_cu_epoch: int = 150  # coarse data is used in epochs below this one only
+    classes: str = ""  # folder/custom datasets: class-list YAML ('' with folder: the Cityscapes classes)
+    image_dir: str = "images/{split}"  # custom dataset: image folder under root ({split} is replaced)
+    mask_dir: str = "masks/{split}"  # custom dataset: mask folder under root
+    mask_suffix: str = ".png"  # custom dataset: mask file = image stem + this
     batch_size: int = 8  # per process
     val_batch_size: int = 4
     num_workers: int = 2
@@ -63,7 +76,7 @@ class ModelConfig:
     # Keyword options of the model factory, validated against its signature by network.build_model.
     options: dict[str, Any] = field(
         default_factory=lambda: {
-            "trunk": "resnet18",
+            "trunk": "resnet10t",
             "aspp_ch": 64,
             "fine_ch": 32,
             "head_ch": 64,
@@ -110,8 +123,17 @@ class TrainConfig:
 class EvalConfig:
     scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     flip: bool = False
-    num_dump: int = 8  # images whose predictions and attention maps are written
+    fusion: str = "attention"  # attention (hierarchical) | average | max of the per-scale logits
+    window: tuple[int, ...] = ()  # (height, width): sliding-window inference at every scale; () whole images
+    overlap: float = 0.25  # minimum overlap of neighbouring sliding windows, as a fraction of the window
+    # Scale-set sweep in one pass: every set x sweep_fusions x sweep_flips; () evaluates eval.scales only.
+    scale_sets: tuple[tuple[float, ...], ...] = ()
+    sweep_fusions: tuple[str, ...] = ("attention", "average", "max")
+    sweep_flips: tuple[bool, ...] = (False, True)
+    num_dump: int = 8  # N of the dump selection
+    dump: str = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
     dump_dir: str = "eval"  # relative to the run folder
+    video_attention: bool = False  # video mode: attention heat maps side by side with the overlay
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_step": ("iter", "epoch"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "loss.main": ("ce", "bce", "rmi", "wce"),
+    "loss.aux": ("ce", "bce", "rmi", "wce"),
+    "loss.scale": ("ce", "bce", "rmi", "wce"),
 }
 
 
