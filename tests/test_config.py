@@ -93,3 +93,14 @@ def test_config_is_immutable():
 def test_every_recipe_loads(path):
     cfg = load_config(path)
     assert to_dict(cfg)["model"]["name"]
+
+
+@pytest.mark.parametrize("scales,match", [("[0.5,2.0]", "must contain 1.0"), ("[0.0,1.0]", "must be positive")])
+def test_scale_list_checked_at_load(scales, match):
+    with pytest.raises(ConfigError, match=rf"eval\.scales: .*{match}"):
+        load_config(None, [f"eval.scales={scales}"])
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(ConfigError, match="train.max_iter or train.max_epoch"):
+        load_config(None, ["train.max_iter=0", "train.max_epoch=0"])

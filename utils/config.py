@@ -232,6 +232,25 @@ def _build(cls: type, values: dict[str, Any], key: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _check_scales(key: str, scales: tuple[float, ...]) -> None:
+    if any(not s > 0 for s in scales):
+        raise ConfigError(f"{key}: every scale must be positive, got {list(scales)}")
+    if 1.0 not in scales:
+        raise ConfigError(f"{key}: the scale list must contain 1.0 (the output resolution), got {list(scales)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Checks across fields that a type cannot express; the error names the dotted key."""
+    _check_scales("eval.scales", cfg.eval.scales)
+    if cfg.train.max_iter < 0 or cfg.train.max_epoch < 0:
+        raise ConfigError("train.max_iter and train.max_epoch must be >= 0")
+    if cfg.train.max_iter == 0 and cfg.train.max_epoch == 0:
+        raise ConfigError("set train.max_iter or train.max_epoch to a positive number")
+    if any(c <= 0 for c in cfg.data.crop_size):
+        raise ConfigError(f"data.crop_size: must be positive, got {list(cfg.data.crop_size)}")
+    return cfg
+
+
 def to_dict(obj: Any) -> Any:
     """Plain dict/list representation (tuples become lists), suitable for YAML and checkpoints."""
     if dataclasses.is_dataclass(obj):
@@ -249,7 +268,7 @@ def to_yaml(cfg: Config) -> str:
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from a (possibly partial) nested dict; missing keys take the schema defaults."""
-    return _build(Config, _merge(to_dict(Config()), values))
+    return validate(_build(Config, _merge(to_dict(Config()), values)))
 
 
 # ----------------------------------------------------------------------------------------------- merging
@@ -325,7 +344,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for text in overrides:
         parts, value = parse_override(text)
         _set_path(values, parts, value)
-    return _build(Config, values)
+    return validate(_build(Config, values))
 
 
 def diff_configs(a: Config, b: Config) -> list[str]:
