@@ -1,0 +1,156 @@
+"""Dataset registry, build_dataset(cfg, split, train) and build_loader(dataset, cfg, train, rank, world_size, seed).
+
+Items are dicts {'image': float32 [3,H,W], 'mask': int64 [H,W], 'name': str} ('mask' absent when unlabelled);
+datasets expose num_classes, ignore_index, class_names and palette.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from transforms import build_transforms
+
+from .base import DataError, DataNotFoundError, SampleRef, SegmentationDataset
+from .cityscapes import CityscapesDataset, CoarseOptions
+from .custom import CustomDataset, read_class_list
+from .folder import FolderDataset, class_info
+from .mapillary import MapillaryDataset
+from .mapillary import read_config as read_mapillary_config
+from .sampler import ShardSampler, TrainSampler
+from .synthetic import generate_synthetic_cityscapes, read_marker
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataNotFoundError",
+    "SampleRef",
+    "SegmentationDataset",
+    "TrainSampler",
+    "ShardSampler",
+    "build_dataset",
+    "build_loader",
+    "register_dataset",
+    "list_datasets",
+]
+
+Factory = Callable[..., Dataset]
+DATASETS: dict[str, Factory] = {}
+
+
+def register_dataset(name: str) -> Callable[[Factory], Factory]:
+    """Register `factory(cfg, split, train) -> Dataset` under `name` (the value of data.dataset)."""
+
+    def wrap(factory: Factory) -> Factory:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = factory
+        return factory
+
+    return wrap
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASETS)
+
+
+@register_dataset("cityscapes")
+def _cityscapes(cfg, split: str, train: bool) -> Dataset:
+    if cfg.generate and (not os.path.exists(cfg.root) or read_marker(cfg.root) is not None):
+        s = cfg.synthetic
+        generate_synthetic_cityscapes(cfg.root, s.num_train, s.num_val, s.height, s.width, s.seed)
+    transform = build_transforms(cfg, train, ignore_index=255)
+    coarse = None
+    if train and cfg.coarse_boost_classes:
+        coarse = CoarseOptions(cfg.coarse_boost_classes, cfg.custom_coarse_prob, cfg.custom_coarse_dropout_classes,
+                               cfg.mask_out_cityscapes, cfg.autolabel_dir, cfg.max_cu_epoch)
+    ds = CityscapesDataset(cfg.root, split, transform, cv=cfg.cv, skip_bad=cfg.skip_bad, coarse=coarse)
+    return _with_class_uniform(ds, cfg, train)
+
+
+@register_dataset("mapillary")
+def _mapillary(cfg, split: str, train: bool) -> Dataset:
+    ignore = read_mapillary_config(os.path.join(cfg.root, "config.json"))[0].ignore_index
+    ds = MapillaryDataset(cfg.root, split, build_transforms(cfg, train, ignore), skip_bad=cfg.skip_bad)
+    return _with_class_uniform(ds, cfg, train)
+
+
+@register_dataset("custom")
+def _custom(cfg, split: str, train: bool) -> Dataset:
+    ignore = read_class_list(cfg.classes)[0].ignore_index
+    ds = CustomDataset(cfg.root, split, cfg.classes, build_transforms(cfg, train, ignore), cfg.image_dir,
+                       cfg.mask_dir, cfg.mask_suffix, cfg.skip_bad)
+    return _with_class_uniform(ds, cfg, train)
+
+
+@register_dataset("folder")
+def _folder(cfg, split: str, train: bool) -> Dataset:
+    # Unlabelled: evaluation transforms only, whatever `train` says; the split names nothing here.
+    return FolderDataset(cfg.root, build_transforms(cfg, False, class_info(cfg.classes).ignore_index), cfg.classes)
+
+
+def _with_class_uniform(ds: SegmentationDataset, cfg, train: bool) -> SegmentationDataset:
+    if train and cfg.class_uniform_pct > 0:
+        ds.enable_class_uniform(cfg.class_uniform_pct, cfg.class_uniform_tile, cfg.centroid_dir)
+    return ds
+
+
+def build_dataset(cfg, split: str, train: bool) -> Dataset:
+    """The dataset `cfg.dataset` (a DataConfig) for `split`, with training or evaluation transforms."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}; registered: {', '.join(list_datasets())}")
+    return DATASETS[cfg.dataset](cfg, split, train)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentation is seeded per sample by the sampler; this covers any other use of the global RNGs, with a
+    # stream distinct per worker, rank and loader (torch's worker seed already differs across all of them).
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _collate(batch: list[dict]) -> dict:
+    try:
+        return default_collate(batch)
+    except RuntimeError as e:
+        sizes = sorted({tuple(item["image"].shape[1:]) for item in batch})
+        if len(sizes) > 1:
+            names = [item["name"] for item in batch]
+            raise DataError(f"images of different sizes {sizes} in one batch ({names}); use a batch size of 1 "
+                            "(data.val_batch_size=1) or a resize (data.eval_size)") from e
+        raise
+
+
+def build_loader(
+    dataset: Dataset, cfg, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> DataLoader:
+    """Training: shuffled per epoch (`loader.sampler.set_epoch(epoch)`), sharded by rank, full batches only.
+    Evaluation: every image exactly once across ranks, in order, last batch kept."""
+    workers = cfg.num_workers
+    if workers > 0:
+        # OpenCV's pthread pool is not fork-safe: a worker forked while the parent's pool is busy can deadlock
+        # at its first OpenCV call (opencv/opencv#5150). Workers are the parallelism, so run OpenCV serially.
+        cv2.setNumThreads(0)
+    common = dict(
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed * 1009 + rank * 7 + (0 if train else 1)),
+    )
+    if train:
+        sampler = TrainSampler(dataset, seed=seed, rank=rank, world_size=world_size)
+        if len(sampler) < cfg.batch_size:
+            raise ValueError(f"{dataset!r} gives {len(sampler)} images per process, fewer than data.batch_size="
+                             f"{cfg.batch_size}: no full batch can be formed")
+        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    sampler = ShardSampler(len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=sampler, drop_last=False, **common)

@@ -1,0 +1,37 @@
+"""Any folder of images, any sizes, no labels (inference and dumps; REFERENCE.md 7.4).
+
+The class list (for palettes and the model's class count) is the Cityscapes one unless data.classes names a
+class-list YAML (datasets/custom.py) or a Mapillary config.json.
+"""
+from __future__ import annotations
+
+import os
+
+from .base import IMAGE_EXTENSIONS, ClassInfo, DataNotFoundError, Sample, SegmentationDataset, Transform
+
+
+def class_info(classes: str) -> ClassInfo:
+    if not classes or classes == "cityscapes":
+        from .cityscapes import CLASSES
+
+        return CLASSES
+    if classes.endswith(".json"):
+        from .mapillary import read_config
+
+        return read_config(classes)[0]
+    from .custom import read_class_list
+
+    return read_class_list(classes)[0]
+
+
+class FolderDataset(SegmentationDataset):
+    """Every image file directly in `root` (sorted); items have no 'mask'. Use a batch size of 1 for mixed sizes."""
+
+    def __init__(self, root: str, transform: Transform, classes: str = ""):
+        if not os.path.isdir(root):
+            raise DataNotFoundError(f"image folder not found: {root}")
+        names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+        samples = [Sample(os.path.join(root, f), None, os.path.splitext(f)[0]) for f in names]
+        super().__init__(samples, class_info(classes), None, transform, False, f"folder/{os.path.basename(root)}")

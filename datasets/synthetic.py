@@ -1,0 +1,282 @@
+"""A small procedurally generated street-scene dataset, written in the exact Cityscapes layout.
+
+    <root>/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (Cityscapes label ids)
+
+Scenes have large regions (sky, road, sidewalk, buildings, trees) and small or thin objects (poles, signs, people,
+cars) whose size follows their distance to the horizon, so scale matters. Each class has its own mean colour, but
+lighting, colour casts, texture and pixel noise make single pixels ambiguous: context is needed. Unlabelled pixels
+(id 0 clutter, id 1 ego vehicle) map to ignore.
+
+Generation is deterministic per (seed, split, image index), takes a fraction of a second per image, and is atomic:
+the files are written to a temporary sibling folder that is renamed to `root` after the marker file is written.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MARKER = "synthetic_cityscapes.json"
+VERSION = 1
+TRAIN_CITIES = ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf")
+VAL_CITIES = ("frankfurt", "lindau", "munster")
+
+# Cityscapes label ids used by the scenes.
+UNLABELED, EGO, ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 7, 8, 11, 17, 20, 21, 23, 24, 26
+# Mean RGB colour and texture amplitude of each label id.
+COLORS = {
+    ROAD: (95, 85, 105),
+    SIDEWALK: (175, 145, 150),
+    BUILDING: (130, 118, 100),
+    POLE: (60, 60, 75),
+    SIGN: (235, 195, 45),
+    VEGETATION: (65, 125, 45),
+    SKY: (115, 160, 215),
+    PERSON: (195, 55, 75),
+    CAR: (40, 70, 180),
+    EGO: (25, 25, 30),
+}
+TEXTURE = {VEGETATION: 0.45, BUILDING: 0.12, SIDEWALK: 0.1, ROAD: 0.1, SKY: 0.04}
+
+
+def _color(rng: np.random.Generator, label: int, spread: float = 14.0) -> tuple[float, float, float]:
+    """The class colour with a per-object offset."""
+    base = np.asarray(COLORS[label], np.float64) + rng.normal(0, spread, 3)
+    return tuple(float(v) for v in np.clip(base, 0, 255))
+
+
+def _draw(img, lbl, label, color, fn, *args) -> None:
+    """Draw the same shape (a cv2 drawing function and its geometry) on the image and the label map."""
+    fn(img, *args, color, -1)
+    fn(lbl, *args, int(label), -1)
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    img = np.zeros((h, w, 3), np.float32)
+    lbl = np.full((h, w), SKY, np.uint8)
+
+    # Sky: vertical gradient, lighter at the horizon.
+    top, bottom = np.asarray(_color(rng, SKY, 10)), np.asarray(_color(rng, SKY, 10)) + 40
+    t = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    img[:] = (top * (1 - t) + bottom * t).astype(np.float32)
+
+    horizon = int(h * rng.uniform(0.38, 0.55))
+    # Buildings along the horizon, with windows.
+    x = int(rng.integers(-w // 10, 1))
+    while x < w:
+        bw = int(w * rng.uniform(0.08, 0.3))
+        if rng.random() < 0.8:
+            y_top = max(0, int(horizon - h * rng.uniform(0.12, 0.5)))
+            col = _color(rng, BUILDING, 18)
+            _draw(img, lbl, BUILDING, col, cv2.rectangle, (x, y_top), (x + bw, horizon + 2))
+            step = max(4, int(rng.uniform(0.02, 0.05) * w))
+            win = tuple(c * 0.55 for c in col)
+            for wy in range(y_top + step // 2, horizon - step // 2, step):
+                for wx in range(x + step // 3, x + bw - step // 2, step):
+                    cv2.rectangle(img, (wx, wy), (wx + step // 3, wy + step // 2), win, -1)
+        x += bw
+
+    # Ground: a road to a vanishing point, sidewalk on both sides; lane dashes belong to the road.
+    ys = np.arange(h)[:, None]
+    xs = np.arange(w)[None, :]
+    vx = w * rng.uniform(0.3, 0.7)
+    depth = np.clip((ys - horizon) / max(h - horizon, 1), 0, None)
+    half_road = depth * w * rng.uniform(0.45, 0.8)
+    ground = ys > horizon
+    road = ground & (np.abs(xs - vx) < half_road)
+    sidewalk = ground & ~road
+    lbl[sidewalk] = SIDEWALK
+    img[sidewalk] = _color(rng, SIDEWALK)
+    lbl[road] = ROAD
+    img[road] = _color(rng, ROAD)
+    for y0 in range(horizon + 2, h, 6):
+        if (y0 // 6) % 2:
+            d = (y0 - horizon) / max(h - horizon, 1)
+            cv2.rectangle(img, (int(vx - 1 - 2 * d), y0), (int(vx + 1 + 2 * d), y0 + 3), (205, 205, 205), -1)
+    # Paving joints on the sidewalk.
+    joints = sidewalk & ((ys % 7 == 0) | ((xs + ys // 7 * 3) % 11 == 0))
+    img[joints] *= 0.8
+
+    # Objects, far (near the horizon) first so that nearer ones occlude them.
+    objects = []
+    for kind, count in (("tree", (1, 4)), ("pole", (2, 7)), ("person", (1, 6)), ("car", (1, 4))):
+        for _ in range(int(rng.integers(*count))):
+            objects.append((float(rng.uniform(horizon + 3, h + 0.3 * (h - horizon))), kind))
+    for yg, kind in sorted(objects):
+        d = (yg - horizon) / max(h - horizon, 1)  # 0 at the horizon, 1 at the bottom edge
+        road_half = d * (half_road[min(int(yg), h - 1), 0] / max(depth[min(int(yg), h - 1), 0], 1e-6))
+        yg = int(yg)
+        if kind == "car":
+            cx = vx + rng.uniform(-0.8, 0.8) * road_half
+            cw = max(6, int(w * 0.35 * d * rng.uniform(0.8, 1.2)))
+            ch = max(4, int(cw * rng.uniform(0.4, 0.55)))
+            x0 = int(cx - cw / 2)
+            col = _color(rng, CAR, 20)
+            _draw(img, lbl, CAR, col, cv2.rectangle, (x0, yg - ch), (x0 + cw, yg - ch // 4))
+            _draw(img, lbl, CAR, col, cv2.rectangle, (x0 + cw // 5, yg - int(ch * 1.45)), (x0 + 4 * cw // 5, yg - ch))
+            cv2.rectangle(img, (x0 + cw // 4, yg - int(ch * 1.35)), (x0 + 3 * cw // 4, yg - ch), (35, 40, 55), -1)
+            r = max(1, ch // 4)
+            for wx in (x0 + cw // 5, x0 + 4 * cw // 5):
+                _draw(img, lbl, CAR, (20, 20, 22), cv2.circle, (wx, yg - r), r)
+            continue
+        side = 1 if rng.random() < 0.5 else -1
+        px = int(vx + side * road_half * rng.uniform(1.05, 1.6))
+        if kind == "tree":
+            r = max(3, int(h * 0.3 * (0.3 + d) * rng.uniform(0.7, 1.3)))
+            trunk_h = int(r * rng.uniform(0.8, 1.5))
+            col = _color(rng, VEGETATION, 12)
+            _draw(img, lbl, VEGETATION, (90, 65, 40), cv2.rectangle, (px - max(1, r // 6), yg - trunk_h), (px + max(1, r // 6), yg))
+            _draw(img, lbl, VEGETATION, col, cv2.ellipse, (px, yg - trunk_h - r // 2), (r, int(r * 0.9)), 0, 0, 360)
+        elif kind == "pole":
+            ph = max(8, int(h * 0.9 * (0.25 + d) * rng.uniform(0.8, 1.2)))
+            pw = max(1, int(round(3.5 * d * rng.uniform(0.7, 1.3))))
+            _draw(img, lbl, POLE, _color(rng, POLE, 8), cv2.rectangle, (px, yg - ph), (px + pw - 1, yg))
+            if rng.random() < 0.7:
+                s = max(4, int(18 * (0.3 + d) * rng.uniform(0.7, 1.3)))
+                sy = yg - ph + s // 2
+                col = _color(rng, SIGN, 12)
+                if rng.random() < 0.5:
+                    _draw(img, lbl, SIGN, col, cv2.rectangle, (px - s // 2, sy - s // 2), (px + s // 2 + pw, sy + s // 2))
+                else:
+                    _draw(img, lbl, SIGN, col, cv2.circle, (px + pw // 2, sy), s // 2 + 1)
+                cv2.circle(img, (px + pw // 2, sy), max(1, s // 5), (250, 250, 250), -1)
+        else:  # person
+            ph = max(6, int(h * 0.55 * d * rng.uniform(0.8, 1.2)))
+            if rng.random() < 0.3:
+                px = int(vx + rng.uniform(-0.7, 0.7) * road_half)  # crossing the road
+            bw = max(1, ph // 7)
+            col = _color(rng, PERSON, 20)
+            _draw(img, lbl, PERSON, tuple(c * 0.6 for c in col), cv2.rectangle, (px - bw, yg - ph // 2), (px + bw, yg))
+            _draw(img, lbl, PERSON, col, cv2.ellipse, (px, yg - int(ph * 0.62)), (bw + 1, max(1, ph // 5)), 0, 0, 360)
+            _draw(img, lbl, PERSON, (215, 175, 145), cv2.circle, (px, yg - int(ph * 0.88)), max(1, ph // 9))
+
+    # Unlabelled pixels: clutter (id 0) and, sometimes, the ego vehicle's bonnet (id 1).
+    for _ in range(int(rng.integers(0, 3))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(horizon, h))
+        s = int(rng.integers(2, max(3, h // 10)))
+        _draw(img, lbl, UNLABELED, tuple(float(v) for v in rng.uniform(0, 255, 3)), cv2.rectangle, (x0, y0), (x0 + s, y0 + s))
+    if rng.random() < 0.5:
+        eh = int(h * rng.uniform(0.04, 0.1))
+        _draw(img, lbl, EGO, _color(rng, EGO, 5), cv2.ellipse, (w // 2, h + eh), (int(w * 0.6), 2 * eh), 0, 180, 360)
+
+    # Texture per class, lighting (brightness, colour cast, horizontal gradient, a shadow), pixel noise.
+    field = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 1.5)
+    field /= field.std() + 1e-6
+    amp = np.zeros(256, np.float32)
+    for k, v in TEXTURE.items():
+        amp[k] = v
+    img *= (1 + amp[lbl] * field)[..., None]
+    gain = rng.uniform(0.7, 1.25) * rng.uniform(0.9, 1.1, 3)
+    grad = 1 + rng.uniform(-0.15, 0.15) * np.linspace(-1, 1, w, dtype=np.float32)
+    img *= gain.astype(np.float32)[None, None, :] * grad[None, :, None]
+    if rng.random() < 0.5:
+        pts = np.array([[rng.integers(0, w), h], [rng.integers(0, w), h], [rng.integers(0, w), horizon]], np.int32)
+        shadow = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(shadow, [pts], 1)
+        img[shadow.astype(bool)] *= 0.6
+    img += rng.normal(0, rng.uniform(5, 12), img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8), lbl
+
+
+def synthetic_scene(seed: int, split: str, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: RGB uint8 [H,W,3] and Cityscapes label ids uint8 [H,W]; a pure function of its arguments."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    return _scene(rng, height, width)
+
+
+def _params(num_train: int, num_val: int, height: int, width: int, seed: int) -> dict:
+    return {"version": VERSION, "num_train": num_train, "num_val": num_val, "height": height, "width": width,
+            "seed": seed}
+
+
+def read_marker(root: str) -> dict | None:
+    """The parameters a complete generated dataset at `root` was made with (None: not a finished one)."""
+    try:
+        with open(os.path.join(root, MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def _lock(root: str) -> Iterator[None]:
+    """Serialise generation of the same root between processes (e.g. the ranks of one node)."""
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.abspath(root) + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write(folder: str, num_train: int, num_val: int, height: int, width: int, seed: int) -> None:
+    for split, n, cities in (("train", num_train, TRAIN_CITIES), ("val", num_val, VAL_CITIES)):
+        for i in range(n):
+            city = cities[i % len(cities)]
+            stem = f"{city}_{i:06d}_000019"
+            img_dir = os.path.join(folder, "leftImg8bit", split, city)
+            gt_dir = os.path.join(folder, "gtFine", split, city)
+            os.makedirs(img_dir, exist_ok=True)
+            os.makedirs(gt_dir, exist_ok=True)
+            image, label = synthetic_scene(seed, split, i, height, width)
+            cv2.imwrite(os.path.join(img_dir, f"{stem}_leftImg8bit.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            cv2.imwrite(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+
+
+def generate_synthetic_cityscapes(
+    root: str, num_train: int = 160, num_val: int = 24, height: int = 128, width: int = 256, seed: int = 0
+) -> str:
+    """Write the dataset at `root` unless a complete one with the same parameters is there; returns `root`.
+
+    A folder at `root` that this function did not write is never touched (FileExistsError). One written with other
+    parameters is replaced. An interrupted generation leaves only a temporary folder, which the next call removes.
+    """
+    if num_train < 1 or num_val < 1 or height < 16 or width < 16:
+        raise ValueError(f"synthetic dataset needs num_train, num_val >= 1 and height, width >= 16; got "
+                         f"{num_train}, {num_val}, {height}, {width}")
+    params = _params(num_train, num_val, height, width, seed)
+    if read_marker(root) == params:
+        return root
+    with _lock(root):
+        found = read_marker(root)
+        if found == params:
+            return root
+        if os.path.exists(root) and found is None:
+            raise FileExistsError(
+                f"{root} exists but is not a complete generated dataset (no {MARKER}); "
+                "remove it or point data.root elsewhere"
+            )
+        parent, name = os.path.split(os.path.abspath(root))
+        for stale in os.listdir(parent):  # left by an interrupted run (we hold the lock, so none is in progress)
+            if stale.startswith(f".{name}.partial-"):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        try:
+            log.info("generating synthetic Cityscapes-layout data at %s (%d train, %d val, %dx%d)", root,
+                     num_train, num_val, width, height)
+            _write(tmp, num_train, num_val, height, width, seed)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump(params, f)
+            if found is not None:  # ours, with other parameters
+                old = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+                os.rename(root, os.path.join(old, "old"))
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return root

@@ -1,0 +1,85 @@
+"""Joint (image + mask) and photometric transforms, and build_transforms(cfg, train, ignore_index)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .joint import HorizontalFlip, RandomScaleCrop, ResizeLongEdge
+from .photometric import IMAGENET_MEAN, IMAGENET_STD, BilateralBlur, ColorJitter, GaussianBlur, Normalize
+
+__all__ = [
+    "SegTransform",
+    "build_transforms",
+    "RandomScaleCrop",
+    "HorizontalFlip",
+    "ResizeLongEdge",
+    "ColorJitter",
+    "GaussianBlur",
+    "BilateralBlur",
+    "Normalize",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+
+class SegTransform:
+    """Joint transforms, then image-only transforms, then normalisation to tensors.
+
+    Called as `t(image, mask, rng, centroid=None) -> (image float32 [3,H,W], mask int64 [H,W] or None)`.
+    """
+
+    def __init__(self, joint: Sequence = (), photometric: Sequence = (), normalize: Normalize | None = None):
+        self.joint = list(joint)
+        self.photometric = list(photometric)
+        self.normalize = normalize or Normalize()
+
+    def __repr__(self) -> str:
+        return f"SegTransform(joint={self.joint}, photometric={self.photometric})"
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray | None,
+        rng: np.random.Generator | None = None,
+        centroid: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if rng is None:
+            rng = np.random.default_rng()
+        for t in self.joint:
+            image, mask = t(image, mask, rng, centroid)
+        for t in self.photometric:
+            image = t(image, rng)
+        mask_t = None if mask is None else torch.from_numpy(mask.astype(np.int64))
+        return self.normalize(image), mask_t
+
+
+def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
+    """The pipeline of REFERENCE.md 5.3 from a DataConfig.
+
+    Train: random scale + crop (+ pre_size), flip, [RandAugment], colour jitter, bilateral or Gaussian blur,
+    normalisation. Val: normalisation only, or a long-edge resize to `eval_size` when set (Mapillary).
+    """
+    if not train:
+        joint = []
+        eval_size = cfg.eval_size
+        if eval_size > 0:
+            joint.append(ResizeLongEdge(eval_size, resize_mask=not cfg.eval_native_labels))
+        return SegTransform(joint)
+    joint: list = [RandomScaleCrop(cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.pre_size, ignore_index)]
+    if cfg.hflip:
+        joint.append(HorizontalFlip(0.5))
+    rand_augment = cfg.rand_augment
+    if rand_augment:
+        from .randaugment import RandAugment
+
+        joint.append(RandAugment(rand_augment[0], rand_augment[1], ignore_index))
+    photometric: list = []
+    if cfg.color_aug > 0:
+        photometric.append(ColorJitter(cfg.color_aug))
+    if cfg.bblur:
+        photometric.append(BilateralBlur())
+    elif cfg.gblur:
+        photometric.append(GaussianBlur())
+    return SegTransform(joint, photometric)
