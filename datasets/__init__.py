@@ -38,6 +38,7 @@ __all__ = [
     "build_loader",
     "register_dataset",
     "list_datasets",
+    "generate_synthetic_cityscapes",
 ]
 
 Factory = Callable[..., Dataset]

@@ -45,13 +45,16 @@ LAYOUT_HELP = (
 IMAGE_SUFFIX = "_leftImg8bit.png"
 FINE_SUFFIX = "_gtFine_labelIds.png"
 COARSE_SUFFIX = "_gtCoarse_labelIds.png"
-PROB_SUFFIX = "_leftImg8bit_prob.png"
 # (train_extra image folder, gtCoarse folder): the zip-named layout, then the flat one.
 EXTRA_LAYOUTS = (("leftImg8bit_trainextra/leftImg8bit", "gtCoarse/gtCoarse"), ("leftImg8bit", "gtCoarse"))
 EXTRA_HELP = (
     "expected <root>/leftImg8bit_trainextra/leftImg8bit/train_extra/<city>/<name>_leftImg8bit.png with "
     "<root>/gtCoarse/gtCoarse/train_extra/<city>/<name>_gtCoarse_labelIds.png (or leftImg8bit/train_extra and "
     "gtCoarse/train_extra)"
+)
+AUTOLABEL_HELP = (
+    "expected <autolabel_dir>/train_extra/<city>/<name>_leftImg8bit.png with <name>_leftImg8bit_prob.png, or "
+    "the flat <name>_leftImg8bit.png / <name>_leftImg8bit_prob.png that eval.py --autolabel writes"
 )
 # Autolabels are valid inside rows 15..840 and columns 14..2030 of a 1024x2048 frame (the rest shows the ego
 # vehicle and the rectification border).
@@ -127,6 +130,17 @@ def pair_files(
             for f, s in zip(images, stems)]
 
 
+def autolabel_files(folder: str, city: str, stem: str) -> tuple[str, str] | None:
+    """(mask, probability map) of one image's autolabel, in the original release's layout
+    (train_extra/<city>/<stem>_leftImg8bit.png) or flat as eval.py --autolabel writes it (<stem>_leftImg8bit.png
+    from a folder run, <stem>.png from a split run); None when absent."""
+    for base in (os.path.join(folder, "train_extra", city, stem + "_leftImg8bit"),
+                 os.path.join(folder, stem + "_leftImg8bit"), os.path.join(folder, stem)):
+        if os.path.isfile(base + ".png") and os.path.isfile(base + "_prob.png"):
+            return base + ".png", base + "_prob.png"
+    return None
+
+
 def find_extra_layout(root: str) -> tuple[str, str]:
     """(train_extra image folder, gtCoarse folder) under `root`."""
     for images, labels in EXTRA_LAYOUTS:
@@ -199,29 +213,36 @@ class CityscapesDataset(SegmentationDataset):
         if bad:
             raise ValueError(f"coarse boost/dropout classes must be train ids 0..18, got {bad}")
         image_dir, coarse_dir = find_extra_layout(root)
-        autolabel = self.coarse.autolabel_prob > 0
-        label_root = coarse_dir
-        if autolabel:
-            label_root = os.path.join(self.coarse.autolabel_dir if os.path.isabs(self.coarse.autolabel_dir)
-                                      else os.path.join(root, self.coarse.autolabel_dir), "train_extra")
-            if not os.path.isdir(label_root):
-                raise DataNotFoundError(f"autolabelled masks requested (data.custom_coarse_prob > 0) but "
-                                        f"{label_root} does not exist (expected <city>/<name>{IMAGE_SUFFIX} and "
-                                        f"<name>{PROB_SUFFIX} there)")
-        out: list[Sample] = []
-        for city in sorted(os.listdir(image_dir)):
-            label_dir = os.path.join(label_root, city)
-            found = pair_files(os.path.join(image_dir, city), label_dir, IMAGE_SUFFIX if autolabel else COARSE_SUFFIX)
-            for sample in found:
-                if autolabel:
-                    prob = os.path.join(label_dir, sample.name + PROB_SUFFIX)
-                    if not os.path.isfile(prob):
-                        raise DataError(f"autolabel {sample.mask} has no probability map {prob}")
-                    human = os.path.join(coarse_dir, city, sample.name + COARSE_SUFFIX)
-                    self.autolabel[first_index + len(out)] = (prob, human if self.coarse.dropout_classes else None)
-                out.append(sample)
+        if self.coarse.autolabel_prob <= 0:
+            out: list[Sample] = []
+            for city in sorted(os.listdir(image_dir)):
+                out += pair_files(os.path.join(image_dir, city), os.path.join(coarse_dir, city), COARSE_SUFFIX)
+        else:
+            out = self._autolabel_samples(root, image_dir, coarse_dir, first_index)
         if not out:
             raise DataNotFoundError(f"no train_extra images under {image_dir} ({EXTRA_HELP})")
+        return out
+
+    def _autolabel_samples(self, root: str, image_dir: str, coarse_dir: str, first_index: int) -> list[Sample]:
+        auto = self.coarse.autolabel_dir
+        auto = auto if os.path.isabs(auto) else os.path.join(root, auto)
+        if not os.path.isdir(auto):
+            raise DataNotFoundError(f"autolabelled masks requested (data.custom_coarse_prob > 0) but {auto} does "
+                                    f"not exist ({AUTOLABEL_HELP})")
+        out: list[Sample] = []
+        missing: list[str] = []
+        for city in sorted(os.listdir(image_dir)):
+            for sample in pair_files(os.path.join(image_dir, city), None):
+                found = autolabel_files(auto, city, sample.name)
+                if found is None:
+                    missing.append(sample.name)
+                    continue
+                human = os.path.join(coarse_dir, city, sample.name + COARSE_SUFFIX)
+                self.autolabel[first_index + len(out)] = (found[1], human if self.coarse.dropout_classes else None)
+                out.append(Sample(sample.image, found[0], sample.name))
+        if missing:
+            raise DataError(f"{len(missing)} train_extra image(s) without an autolabel and its probability map in "
+                            f"{auto}: {', '.join(missing[:10])} ({AUTOLABEL_HELP})")
         return out
 
     def extra_active(self, epoch: int) -> bool:

@@ -7,25 +7,34 @@ from __future__ import annotations
 
 import os
 
-from .base import IMAGE_EXTENSIONS, ClassInfo, DataNotFoundError, Sample, SegmentationDataset, Transform
+from .base import IMAGE_EXTENSIONS, ClassInfo, DataNotFoundError, LabelMap, Sample, SegmentationDataset, Transform
 
 
 def class_info(classes: str) -> ClassInfo:
-    if not classes or classes == "cityscapes":
-        from .cityscapes import CLASSES
+    """The classes named by data.classes: '' or 'cityscapes', a Mapillary config.json, or a class-list YAML."""
+    return class_source(classes)[0]
 
-        return CLASSES
+
+def class_source(classes: str) -> tuple[ClassInfo, LabelMap]:
+    """Classes and label table named by data.classes (see class_info)."""
+    if not classes or classes == "cityscapes":
+        from .cityscapes import CLASSES, label_map
+
+        return CLASSES, label_map()
     if classes.endswith(".json"):
         from .mapillary import read_config
 
-        return read_config(classes)[0]
+        return read_config(classes)
     from .custom import read_class_list
 
-    return read_class_list(classes)[0]
+    return read_class_list(classes)
 
 
 class FolderDataset(SegmentationDataset):
-    """Every image file directly in `root` (sorted); items have no 'mask'. Use a batch size of 1 for mixed sizes."""
+    """Every image file directly in `root` (sorted); items have no 'mask'. Use a batch size of 1 for mixed sizes.
+
+    `label_map` is the class source's table (unused for reading; it lets predictions be written as label ids).
+    """
 
     def __init__(self, root: str, transform: Transform, classes: str = ""):
         if not os.path.isdir(root):
@@ -34,4 +43,5 @@ class FolderDataset(SegmentationDataset):
         if not names:
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
         samples = [Sample(os.path.join(root, f), None, os.path.splitext(f)[0]) for f in names]
-        super().__init__(samples, class_info(classes), None, transform, False, f"folder/{os.path.basename(root)}")
+        info, table = class_source(classes)
+        super().__init__(samples, info, table, transform, False, f"folder/{os.path.basename(root)}")

@@ -64,7 +64,7 @@ class TrainSampler(Sampler[SampleRef]):
 
     @property
     def num_samples(self) -> int:
-        """Samples per rank in the next epoch (coarse data switched off after max_cu_epoch shortens epochs)."""
+        """Samples per rank and epoch."""
         return self._per_rank(self.epoch)
 
     def __len__(self) -> int:

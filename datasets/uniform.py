@@ -6,7 +6,8 @@ of that class when the mean falls outside it (a ring or two blobs), so a crop ar
 They are computed in parallel processes and cached in a JSON file whose name carries a hash of the dataset, split,
 tile size, class count and every mask's path, size and modification time: any change gives a new file.
 
-Each epoch mixes `int(n * pct / K)` class-centred samples per class with random images (n = main images).
+Each epoch has n items (n = main images): `int(n * pct / K')` class-centred samples for each of the K' classes that
+have centroids, and random images for the rest.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
+
+from .base import draw_cycled
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,12 @@ def tile_centroids(mask: np.ndarray, num_classes: int, tile: int) -> list[tuple[
     for ty in range(h // tile):
         for tx in range(w // tile):
             patch = mask[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile]
-            flat = np.minimum(patch.ravel(), num_classes).astype(np.int64)  # K collects ignore and the rest
+            flat = np.minimum(patch.ravel(), num_classes).astype(np.intp)  # bin K collects ignore and the rest
             count = np.bincount(flat, minlength=num_classes + 1)
-            sx = np.bincount(flat, weights=xs, minlength=num_classes + 1)
-            sy = np.bincount(flat, weights=ys, minlength=num_classes + 1)
+            sum_x = np.bincount(flat, weights=xs, minlength=num_classes + 1)
+            sum_y = np.bincount(flat, weights=ys, minlength=num_classes + 1)
             for c in np.nonzero(count[:num_classes])[0]:
-                cx, cy = int(sx[c] / count[c]), int(sy[c] / count[c])
+                cx, cy = int(sum_x[c] / count[c]), int(sum_y[c] / count[c])
                 if patch[cy, cx] != c:
                     py, px = np.nonzero(patch == c)
                     j = int(np.argmin((px - cx) ** 2 + (py - cy) ** 2))
@@ -162,14 +165,6 @@ def load_or_compute(
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _draw(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """k indices of range(n): whole shuffled passes, then part of one more (every item before any repeats)."""
-    if n == 0 or k == 0:
-        return np.zeros(0, np.int64)
-    passes = [rng.permutation(n) for _ in range(-(-k // n))]
-    return np.concatenate(passes)[:k]
-
-
 class ClassUniform:
     """Per-epoch mix of random images and class-centred samples.
 
@@ -192,11 +187,14 @@ class ClassUniform:
         return rows if include_extra else rows[rows[:, 0] < self.num_main]
 
     def build_epoch(self, rng: np.random.Generator, include_extra: bool) -> list[tuple[int, tuple[int, int] | None]]:
-        per_class = int(self.num_main * self.pct / self.num_classes)
-        n_random = self.num_main - per_class * self.num_classes
-        items: list[tuple[int, tuple[int, int] | None]] = [(int(i), None) for i in _draw(rng, self.num_main, n_random)]
-        for c in range(self.num_classes):
-            rows = self.pool(c, include_extra)
-            for j in _draw(rng, len(rows), per_class):
+        pools = [self.pool(c, include_extra) for c in range(self.num_classes)]
+        present = [rows for rows in pools if len(rows)]
+        # The class-centred share is split between the classes that have centroids (the original divides by
+        # all K and lets the epoch shrink when a class has none); random images fill the rest.
+        per_class = int(self.num_main * self.pct / max(len(present), 1))
+        n_random = self.num_main - per_class * len(present)
+        items: list[tuple[int, tuple[int, int] | None]] = [(int(i), None) for i in draw_cycled(rng, self.num_main, n_random)]
+        for rows in present:
+            for j in draw_cycled(rng, len(rows), per_class):
                 items.append((int(rows[j, 0]), (int(rows[j, 1]), int(rows[j, 2]))))
         return [items[i] for i in rng.permutation(len(items))]

@@ -312,3 +312,15 @@ def test_mask_size_and_label_values(synth, tmp_path):
     cv2.imwrite(mask_path, np.zeros((48, 96, 3), np.uint8))
     with pytest.raises(DataError, match="single-channel"):
         ds[0]
+
+
+def test_augmentation_differs_between_epochs_and_samples(synth):
+    cfg = data_cfg(synth)
+    ds = build_dataset(cfg, "train", train=True)
+    sampler = TrainSampler(ds, seed=0)
+    crops: dict[int, list[torch.Tensor]] = {}
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        for ref in sampler:
+            crops.setdefault(ref.index, []).append(ds[ref]["image"])
+    assert all(not torch.equal(a, b) for a, b in crops.values())  # same image, another epoch: another draw

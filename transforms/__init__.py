@@ -59,11 +59,12 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
     """The pipeline of REFERENCE.md 5.3 from a DataConfig.
 
     Train: random scale + crop (+ pre_size), flip, [RandAugment], colour jitter, bilateral or Gaussian blur,
-    normalisation. Val: normalisation only, or a long-edge resize to `eval_size` when set (Mapillary).
+    normalisation. Val: normalisation only, or a long-edge resize to `eval_size` (else `pre_size`) when set
+    (Mapillary evaluates at long edge 2177).
     """
     if not train:
         joint = []
-        eval_size = cfg.eval_size
+        eval_size = cfg.eval_size or cfg.pre_size
         if eval_size > 0:
             joint.append(ResizeLongEdge(eval_size, resize_mask=not cfg.eval_native_labels))
         return SegTransform(joint)
@@ -73,6 +74,9 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
     rand_augment = cfg.rand_augment
     if rand_augment:
         from .randaugment import RandAugment
+
+        if len(rand_augment) != 2:
+            raise ValueError(f"data.rand_augment must be [N, M] (ops per image, magnitude 0..30), got {rand_augment}")
 
         joint.append(RandAugment(rand_augment[0], rand_augment[1], ignore_index))
     photometric: list = []

@@ -18,19 +18,35 @@ def _pad_value_mask(ignore_index: int) -> int:
     return ignore_index
 
 
-def _warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int], flags: int) -> np.ndarray:
-    # Replicate, not constant, at the border: the caller fills the padding itself, and a constant border would
-    # bleed black into the outer ring of interpolated pixels.
-    return cv2.warpAffine(image, matrix, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+def _scale_window(
+    array: np.ndarray, sx: float, sy: float, x0: int, y0: int, out_w: int, out_h: int, interpolation: int
+) -> np.ndarray:
+    """Window [x0, x0+out_w) x [y0, y0+out_h) of `array` resized by (sx, sy), computing only that window.
+
+    The window must lie inside the resized image. Only the source region it needs (plus a margin for the
+    interpolation kernel) is resized, with the scale given explicitly; the result is the full resize's window up
+    to a sub-pixel shift of the whole window (the same for image and mask, so they stay aligned).
+    """
+    h, w = array.shape[:2]
+    margin = 3
+    xs0 = max(int(math.floor((x0 + 0.5) / sx - 0.5)) - margin, 0)
+    ys0 = max(int(math.floor((y0 + 0.5) / sy - 0.5)) - margin, 0)
+    xs1 = min(int(math.ceil((x0 + out_w - 0.5) / sx - 0.5)) + margin + 1, w)
+    ys1 = min(int(math.ceil((y0 + out_h - 0.5) / sy - 0.5)) + margin + 1, h)
+    part = cv2.resize(array[ys0:ys1, xs0:xs1], None, fx=sx, fy=sy, interpolation=interpolation)
+    # part[j] is the resized image's pixel j + xs0 * sx (rounded); pad by 2 edge pixels against rounding.
+    part = cv2.copyMakeBorder(part, 2, 2, 2, 2, cv2.BORDER_REPLICATE)
+    jx, jy = x0 - int(round(xs0 * sx)) + 2, y0 - int(round(ys0 * sy)) + 2
+    return part[jy : jy + out_h, jx : jx + out_w]
 
 
 class RandomScaleCrop:
     """Random scale s ~ U(scale_min, scale_max), then a crop_size (h, w) crop, padded when the image is smaller.
 
     With `pre_size` > 0 the scale is multiplied by pre_size / long edge first (Mapillary: long edge 2177).
-    Scale and crop are one affine warp, so only the crop is interpolated (the result equals resizing the whole
-    image with pixel-centre alignment and cutting the window out). A smaller scaled image is placed at a random
-    offset in the crop; a given centroid is mapped through scale and padding and the crop contains it.
+    Only the source region under the crop is resized (the result is the whole image's resize, cut out, up to a
+    sub-pixel shift). A smaller scaled image is placed at a random offset in the crop, the rest padded; a given
+    centroid is mapped through scale and padding and the crop contains it.
     """
 
     def __init__(
@@ -80,20 +96,19 @@ class RandomScaleCrop:
             cx, cy = int(math.floor((centroid[0] + 0.5) * sx)), int(math.floor((centroid[1] + 0.5) * sy))
         ox, x1 = self._place(sw, self.crop_w, cx, rng)
         oy, y1 = self._place(sh, self.crop_h, cy, rng)
-        # dst = (src + 0.5) * scale - 0.5 + offset - crop start: the pixel-centre convention of cv2.resize.
-        m = np.array([[sx, 0, 0.5 * sx - 0.5 + ox - x1], [0, sy, 0.5 * sy - 0.5 + oy - y1]], np.float64)
-        size = (self.crop_w, self.crop_h)
-        out = _warp(image, m, size, cv2.INTER_CUBIC)
-        out_mask = None if mask is None else _warp(mask, m, size, cv2.INTER_NEAREST)
-        # The scaled image covers [ox - x1, ox - x1 + sw) x [oy - y1, oy - y1 + sh) of the crop; the rest is pad.
-        x0, y0 = ox - x1, oy - y1
-        xa, xb, ya, yb = max(x0, 0), min(x0 + sw, self.crop_w), max(y0, 0), min(y0 + sh, self.crop_h)
-        if xa > 0 or ya > 0 or xb < self.crop_w or yb < self.crop_h:
-            keep = np.zeros((self.crop_h, self.crop_w), bool)
-            keep[ya:yb, xa:xb] = True
-            out[~keep] = 0
-            if out_mask is not None:
-                out_mask[~keep] = self.ignore_index
+        # The crop covers the scaled image's [x1 - ox, x1 - ox + crop_w) x [...]; the part outside it is padding.
+        x0, y0 = x1 - ox, y1 - oy
+        xa, xb = max(x0, 0), min(x0 + self.crop_w, sw)
+        ya, yb = max(y0, 0), min(y0 + self.crop_h, sh)
+        shape = (self.crop_h, self.crop_w)
+        out = np.zeros(shape + image.shape[2:], image.dtype)
+        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = _scale_window(image, sx, sy, xa, ya, xb - xa, yb - ya, cv2.INTER_CUBIC)
+        if mask is None:
+            return out, None
+        out_mask = np.full(shape, self.ignore_index, mask.dtype)
+        # Nearest with pixel-centre alignment (INTER_NEAREST rounds down and would lag the bicubic image).
+        out_mask[ya - y0 : yb - y0, xa - x0 : xb - x0] = _scale_window(
+            mask, sx, sy, xa, ya, xb - xa, yb - ya, cv2.INTER_NEAREST_EXACT)
         return out, out_mask
 
 

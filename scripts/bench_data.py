@@ -1,0 +1,162 @@
+"""Data-pipeline benchmark at Cityscapes size: our OpenCV pipeline against a PIL pipeline doing the same steps.
+
+    python scripts/bench_data.py [--images 8] [--repeats 3] [--crop 1024] [--step-time 0.5 --batch 2]
+
+Writes N generated 2048x1024 street scenes as PNG (image + label ids) to a temporary Cityscapes-layout folder, then
+times (median per image, the two pipelines interleaved), in one process and one thread (= one DataLoader worker):
+  * ours: the training item of CityscapesDataset (decode, id -> train id, random scale 0.5-2 + 1024x1024 crop,
+    flip, colour jitter, Gaussian blur, normalisation);
+  * PIL: the same steps as the original code does them (PIL decode, resize whole image bicubic / mask nearest,
+    pad + crop, flip, torchvision ColorJitter, PIL Gaussian blur, ToTensor + Normalize);
+  * the class-centroid computation (tile 1024) per 1,000 masks, one process and all cores.
+With --step-time (seconds of one training step on the GPU) and --batch, it also says how many workers keep it fed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from datasets import SampleRef  # noqa: E402
+from datasets.cityscapes import CityscapesDataset, label_map  # noqa: E402
+from datasets.synthetic import synthetic_scene  # noqa: E402
+from datasets.uniform import compute_centroids  # noqa: E402
+from transforms import build_transforms  # noqa: E402
+from utils.config import DataConfig  # noqa: E402
+
+
+def write_dataset(root: str, n: int, height: int, width: int) -> None:
+    for i in range(n):
+        city = "bench"
+        for sub in ("leftImg8bit/train", "gtFine/train"):
+            os.makedirs(os.path.join(root, sub, city), exist_ok=True)
+        image, label = synthetic_scene(7, "train", i, height, width)
+        stem = f"{city}_{i:06d}_000019"
+        cv2.imwrite(os.path.join(root, "leftImg8bit/train", city, stem + "_leftImg8bit.png"),
+                    cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(os.path.join(root, "gtFine/train", city, stem + "_gtFine_labelIds.png"), label)
+
+
+class PILPipeline:
+    """The same training steps with PIL and torchvision, the way the original pipeline does them."""
+
+    def __init__(self, crop: int, scale_min: float, scale_max: float, color_aug: float):
+        import torchvision.transforms as T
+
+        self.crop, self.scale_min, self.scale_max = crop, scale_min, scale_max
+        self.jitter = T.ColorJitter(color_aug, color_aug, color_aug, color_aug)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        lut = label_map()._lut(256)[0]
+        self.lut = lut
+
+    def __call__(self, image_path: str, mask_path: str):
+        from PIL import Image, ImageFilter, ImageOps
+
+        img = Image.open(image_path).convert("RGB")
+        mask = Image.fromarray(self.lut[np.asarray(Image.open(mask_path))])
+        s = random.uniform(self.scale_min, self.scale_max)
+        w, h = img.size
+        size = (int(w * s), int(h * s))
+        img, mask = img.resize(size, Image.BICUBIC), mask.resize(size, Image.NEAREST)
+        if size[0] < self.crop or size[1] < self.crop:
+            pw, ph = max(self.crop - size[0], 0) // 2 + 1, max(self.crop - size[1], 0) // 2 + 1
+            img = ImageOps.expand(img, (pw, ph, pw, ph), fill=0)
+            mask = ImageOps.expand(mask, (pw, ph, pw, ph), fill=255)
+        w, h = img.size
+        x, y = random.randint(0, w - self.crop), random.randint(0, h - self.crop)
+        img, mask = img.crop((x, y, x + self.crop, y + self.crop)), mask.crop((x, y, x + self.crop, y + self.crop))
+        if random.random() < 0.5:
+            img, mask = img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
+        img = self.jitter(img)
+        img = img.filter(ImageFilter.GaussianBlur(radius=0.15 + random.random() * 1.15))
+        return self.to_tensor(img), torch.from_numpy(np.asarray(mask, np.int64))
+
+
+def timed(fn, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=8, help="generated 2048x1024 scenes")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the images per pipeline")
+    p.add_argument("--crop", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--step-time", type=float, default=0.0, help="seconds per GPU training step, to size the workers")
+    p.add_argument("--batch", type=int, default=2, help="images per GPU training step")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(0)  # one worker = one thread
+    root = tempfile.mkdtemp(prefix="bench_data_")
+    results: dict = {"images": args.images, "size": [args.width, args.height], "crop": args.crop}
+    try:
+        t = time.perf_counter()
+        write_dataset(root, args.images, args.height, args.width)
+        print(f"wrote {args.images} scenes of {args.width}x{args.height} in {time.perf_counter() - t:.1f}s")
+        cfg = DataConfig(root=root, generate=False, crop_size=(args.crop, args.crop), gblur=True, color_aug=0.25)
+        ds = CityscapesDataset(root, "train", build_transforms(cfg, True, 255))
+        n = args.images * args.repeats
+
+        pil = PILPipeline(args.crop, cfg.scale_min, cfg.scale_max, cfg.color_aug)
+        ds[SampleRef(0, 0)]  # warm-up (imports, allocations)
+        pil(ds.samples[0].image, ds.samples[0].mask)
+        # Interleaved, per-image medians: a shared machine's load then hits both pipelines alike.
+        times: dict[str, list[float]] = {"decode": [], "ours": [], "pil": []}
+        for i in range(n):
+            k = i % args.images
+            times["decode"].append(timed(lambda _: ds.load(k), 1))
+            times["ours"].append(timed(lambda _: ds[SampleRef(k, i)], 1))
+            times["pil"].append(timed(lambda _: pil(ds.samples[k].image, ds.samples[k].mask), 1))
+        decode, ours, baseline = (float(np.median(times[key])) * n for key in ("decode", "ours", "pil"))
+        results.update({
+            "ours_img_per_s_per_worker": n / ours,
+            "ours_decode_ms": 1000 * decode / n,
+            "ours_ms": 1000 * ours / n,
+            "pil_img_per_s_per_worker": n / baseline,
+            "pil_ms": 1000 * baseline / n,
+            "speedup": baseline / ours,
+        })
+        print(f"ours : {n / ours:6.2f} img/s per worker ({1000 * ours / n:.0f} ms/img, of which decode + id map "
+              f"{1000 * decode / n:.0f} ms)")
+        print(f"PIL  : {n / baseline:6.2f} img/s per worker ({1000 * baseline / n:.0f} ms/img)")
+        print(f"speed-up: {baseline / ours:.2f}x")
+
+        serial = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=1, progress=False), 1)
+        cores = os.cpu_count() or 1
+        parallel = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=cores, progress=False), 1)
+        results.update({"centroids_s_per_1000_one_process": 1000 * serial / len(ds),
+                        f"centroids_s_per_1000_{cores}_processes": 1000 * parallel / len(ds)})
+        print(f"centroids (tile 1024): {1000 * serial / len(ds):.0f} s per 1,000 images in one process, "
+              f"{1000 * parallel / len(ds):.0f} s with {cores} processes (few images: start-up dominates)")
+        if args.step_time > 0:
+            need = args.batch / args.step_time
+            workers = int(np.ceil(need / (n / ours)))
+            results.update({"needed_img_per_s": need, "workers_needed": workers})
+            print(f"a {args.step_time:.2f}s step of batch {args.batch} needs {need:.1f} img/s: {workers} worker(s)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

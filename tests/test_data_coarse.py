@@ -1,0 +1,143 @@
+"""Cityscapes coarse data: boost classes, autolabels (probability threshold, dropout union, mask-out), max_cu_epoch."""
+from __future__ import annotations
+
+import os
+import runpy
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from datasets import DataError, DataNotFoundError, build_dataset
+from datasets.synthetic import generate_synthetic_cityscapes, synthetic_scene
+from utils.config import DataConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, W = 32, 64
+ROAD, CAR, TRUCK, BUS = 7, 26, 27, 28  # label ids; train ids 0, 13, 14, 15
+
+
+def autolabel_mask() -> np.ndarray:
+    m = np.full((H, W), ROAD, np.uint8)
+    m[:, W // 2 :] = CAR
+    m[24:, 56:] = BUS
+    return m
+
+
+def human_coarse() -> np.ndarray:
+    m = np.zeros((H, W), np.uint8)
+    m[0:8, 40:50] = TRUCK
+    m[0:8, 0:10] = BUS  # inside the low-probability corner
+    return m
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    base = tmp_path_factory.mktemp("coarse")
+    fine = generate_synthetic_cityscapes(str(base / "fine"), 6, 2, H, W, 0)
+    root = str(base / "cs")
+    shutil.copytree(fine, root)
+    for i in range(4):
+        city = "augsburg" if i < 2 else "bamberg"
+        stem = f"{city}_{i:06d}_000001"
+        for d in ("leftImg8bit/train_extra", "gtCoarse/train_extra", "autolabelled/train_extra"):
+            os.makedirs(os.path.join(root, d, city), exist_ok=True)
+        image, _ = synthetic_scene(9, "train", i, H, W)
+        cv2.imwrite(os.path.join(root, "leftImg8bit/train_extra", city, stem + "_leftImg8bit.png"), image)
+        cv2.imwrite(os.path.join(root, "gtCoarse/train_extra", city, stem + "_gtCoarse_labelIds.png"), human_coarse())
+        auto = os.path.join(root, "autolabelled/train_extra", city, stem)
+        cv2.imwrite(auto + "_leftImg8bit.png", autolabel_mask())
+        prob = np.full((H, W), 255, np.uint8)
+        prob[:16, :16] = 50  # 0.2: below a 0.5 threshold
+        cv2.imwrite(auto + "_leftImg8bit_prob.png", prob)
+    return root
+
+
+def cfg(root: str, **kw) -> DataConfig:
+    base = dict(root=root, generate=False, num_workers=0, crop_size=(16, 16), coarse_boost_classes=(13, 14, 15),
+                max_cu_epoch=3)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def test_coarse_images_follow_the_fine_ones_until_max_cu_epoch(root):
+    ds = build_dataset(cfg(root), "train", train=True)
+    assert ds.num_main == 6 and len(ds) == 10
+    assert ds.samples[6].mask.endswith("gtCoarse/train_extra/augsburg/augsburg_000000_000001_gtCoarse_labelIds.png")
+    assert ds.epoch_length(0) == ds.epoch_length(3) == 10  # constant: a loop may count its steps once
+    rng = np.random.default_rng(0)
+    assert sorted(i for i, _ in ds.epoch_items(2, rng)) == list(range(10))
+    late = sorted(i for i, _ in ds.epoch_items(3, rng))
+    assert set(late) == set(range(6)) and len(late) == 10  # really switched off: fine images fill the epoch
+    m = ds.load_mask(6)
+    assert m[0, 45] == 14 and m[0, 5] == 15 and m[20, 20] == 255  # human coarse ids mapped; id 0 ignored
+    assert len(build_dataset(cfg(root), "val", train=False)) == 2  # no coarse data outside training
+    assert len(build_dataset(cfg(root), "train", train=False)) == 6
+
+
+def test_autolabel_threshold_dropout_and_mask_out(root):
+    ds = build_dataset(cfg(root, custom_coarse_prob=0.5, custom_coarse_dropout_classes=(14, 15)), "train", True)
+    assert ds.samples[6].mask.endswith("autolabelled/train_extra/augsburg/augsburg_000000_000001_leftImg8bit.png")
+    m = ds.load_mask(6)
+    assert (m[16:, :32] == 0).all() and (m[:24, 32:] == 13).all()  # road, car
+    assert (m[24:, 56:] == 15).all()  # bus (autolabel)
+    assert (m[8:16, :16] == 255).all()  # probability 0.2 < 0.5: ignore
+    assert (m[0:8, 0:10] == 15).all()  # bus is in the autolabel: human bus pixels added, even at low probability
+    assert (m[0:8, 40:50] == 13).all()  # truck is not in the autolabel: the human truck pixels are not added
+    plain = build_dataset(cfg(root, custom_coarse_prob=0.5), "train", True).load_mask(6)
+    assert (plain[0:8, 0:10] == 255).all()  # without dropout classes the low-probability corner stays ignored
+    out = build_dataset(cfg(root, custom_coarse_prob=0.5, mask_out_cityscapes=True), "train", True).load_mask(6)
+    rows = round(840 / 1024 * H)
+    assert (out[rows:] == 255).all() and (out[16:rows, 16:32] == 0).all()
+
+
+def test_autolabels_written_flat_by_eval(root, tmp_path):
+    """eval.py --autolabel over a folder writes <name>_leftImg8bit.png + _prob.png side by side, no city folders."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for d, _, files in os.walk(os.path.join(root, "autolabelled")):
+        for f in files:
+            shutil.copy(os.path.join(d, f), flat / f)
+    ds = build_dataset(cfg(root, custom_coarse_prob=0.5, autolabel_dir=str(flat)), "train", True)
+    assert ds.samples[6].mask == str(flat / "augsburg_000000_000001_leftImg8bit.png")
+    assert (ds.load_mask(6)[8:16, :16] == 255).all()
+
+
+def test_coarse_centroids_only_for_boost_classes_and_only_before_max_cu_epoch(root, tmp_path):
+    c = cfg(root, coarse_boost_classes=(14,), class_uniform_pct=0.5, class_uniform_tile=16, centroid_dir=str(tmp_path))
+    ds = build_dataset(c, "train", train=True)
+    coarse_rows = {k: [r for r in v if r[0] >= 6] for k, v in ((k, ds.uniform.centroids[k].tolist())
+                                                                for k in range(19))}
+    assert {k for k, v in coarse_rows.items() if v} == {14}  # truck (boost class) only, not road or bus
+    assert ds.epoch_length(0) == 6  # with class-uniform sampling, coarse data enters through centroids only
+    assert ds.extra_active(2) and not ds.extra_active(3)
+    assert (ds.uniform.pool(14, include_extra=True)[:, 0] >= 6).any()
+    assert not (ds.uniform.pool(14, include_extra=False)[:, 0] >= 6).any()
+
+
+def test_missing_coarse_folders(root, tmp_path):
+    bare = generate_synthetic_cityscapes(str(tmp_path / "bare"), 2, 1, H, W, 0)
+    with pytest.raises(DataNotFoundError, match="train_extra"):
+        build_dataset(cfg(bare), "train", True)
+    broken = str(tmp_path / "broken")
+    shutil.copytree(root, broken)
+    os.remove(os.path.join(broken, "autolabelled/train_extra/bamberg/bamberg_000003_000001_leftImg8bit_prob.png"))
+    with pytest.raises(DataError, match="without an autolabel.*: bamberg_000003_000001 "):
+        build_dataset(cfg(broken, custom_coarse_prob=0.5), "train", True)
+    with pytest.raises(ValueError, match="train ids"):
+        build_dataset(cfg(root, coarse_boost_classes=(19,)), "train", True)
+
+
+def test_prepare_cityscapes_script(root, tmp_path, capsys):
+    check = runpy.run_path(os.path.join(REPO, "scripts", "prepare_cityscapes.py"))["main"]
+    assert check([root, "--coarse", "--autolabel", os.path.join(root, "autolabelled")]) == 0
+    out = capsys.readouterr().out
+    assert "train_extra: 2 cities, 4 images" in out and "autolabel: 4 masks with their probability maps" in out
+    broken = str(tmp_path / "b")
+    shutil.copytree(root, broken)
+    os.remove(os.path.join(broken, "gtFine/val/lindau/lindau_000001_000019_gtFine_labelIds.png"))
+    assert check([broken]) == 1
+    assert "lindau_000001_000019_gtFine_labelIds.png" in capsys.readouterr().out
+    assert check([str(tmp_path / "nowhere")]) == 1
+    assert "Cityscapes folder not found" in capsys.readouterr().out
