@@ -2,6 +2,8 @@
 
 With no arguments it runs the embedded demo: it generates a small synthetic Cityscapes-layout dataset, trains
 the multi-scale attention model on the CPU, evaluates it with scales 0.5, 1.0, 2.0 and writes the results.
+Under torchrun or srun (one task per GPU) it trains data-parallel; see README, "Distributed training".
+On SIGUSR1 or SIGTERM it checkpoints at the next step and exits with code 75 (the sbatch script requeues it).
 """
 from __future__ import annotations
 
@@ -29,10 +31,22 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict, to_yaml
-from utils.dist import DistInfo, cleanup, init_distributed
-from utils.engine import Progress, RunLogger, TrainState, evaluate, poly_lambda, train_one_epoch, unwrap
+from utils.dist import (
+    DistConfigError,
+    DistInfo,
+    DistributedError,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    cleanup,
+    collective_errors,
+    init_distributed,
+    sync_batchnorm,
+)
+from utils.engine import Progress, RunLogger, TrainState, evaluate, poly_lambda, train_one_epoch
 from utils.metrics import compute_metrics, format_table
 from utils.precision import grad_scaler
+from utils.preempt import EXIT_PREEMPTED, Preemption
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +66,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_train_config(cfg: Config) -> None:
+    if cfg.train.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+    if cfg.train.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout must be a positive number of seconds, got {cfg.train.dist_timeout}")
+
+
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -62,16 +83,23 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str) -> tuple[str, dict] | None:
-    """The checkpoint to resume from, after checking that its config matches this command's."""
-    if args.resume == "none":
-        if latest_checkpoint(run_dir) is not None:
+def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: DistInfo) -> tuple[str, dict] | None:
+    """The checkpoint to resume from, after checking that its config matches this command's.
+
+    Rank 0 chooses the file (the newest readable one) and every rank reads that same file.
+    """
+    if args.resume == "auto":
+        found = latest_checkpoint(run_dir) if dist.is_main else None
+        path = broadcast_object(found[0] if found else None)
+        if path is None:
+            return None
+        ckpt = found[1] if found else read_checkpoint(path)
+    elif args.resume == "none":
+        if broadcast_object(latest_checkpoint(run_dir) is not None if dist.is_main else None):
             raise SystemExit(f"{run_dir} already holds checkpoints; use --resume auto or another train.run_name")
         return None
-    found = latest_checkpoint(run_dir) if args.resume == "auto" else (args.resume, read_checkpoint(args.resume))
-    if found is None:
-        return None
-    path, ckpt = found
+    else:
+        path, ckpt = args.resume, read_checkpoint(args.resume)
     differ = diff_configs(from_dict(ckpt["config"]), cfg) if "config" in ckpt else []
     if differ and not args.force_resume:
         raise SystemExit(
@@ -81,89 +109,134 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str) -> tuple[
     return path, ckpt
 
 
+def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
+    """Each rank continues its own random streams; a run resumed on another process count cannot."""
+    saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+    if len(saved) == dist.world_size:
+        set_rng_state(saved[dist.rank])
+        return
+    log.warn(f"the checkpoint holds the random streams of {len(saved)} process(es), this run has "
+             f"{dist.world_size}: streams reseeded, so the run does not continue bit-identically")
+    seed_everything(cfg.train.seed + dist.rank + 100003 * ckpt["state"]["iteration"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_train_config(cfg)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from e
-    dist: DistInfo = init_distributed()
-    seed_everything(cfg.train.seed + dist.rank)
+    try:
+        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+    except (DistConfigError, DistributedError) as e:
+        raise SystemExit(f"distributed set-up failed: {e}") from e
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-    resume = resume_source(args, cfg, run_dir)
-    log = RunLogger(run_dir, enabled=dist.is_main, purge_step=resume[1]["state"]["iteration"] if resume else None)
+    try:
+        with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):
+            return train(args, cfg, dist, run_dir, preempt)
+    except DistributedError as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        cleanup()
+
+
+def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption) -> dict:
+    seed_everything(cfg.train.seed + dist.rank)
+    resume = resume_source(args, cfg, run_dir, dist)
+    log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
+                    resume_iteration=resume[1]["state"]["iteration"] if resume else None)
     if dist.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
-        log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device}")
+    log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
+             + (f"; this is rank {dist.rank}" if dist.distributed else ""))
 
-    # Data.
+    # Data. Each process loads data.batch_size images per batch; a step takes train.accum_steps batches.
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
     train_loader = build_loader(train_set, cfg.data, True, dist.rank, dist.world_size, cfg.train.seed)
     val_loader = build_loader(val_set, cfg.data, False, dist.rank, dist.world_size, cfg.train.seed)
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
+    accum = cfg.train.accum_steps
+    global_batch = cfg.data.batch_size * accum * dist.world_size
+    steps_per_epoch = len(train_loader) // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the training split has {len(train_set)} images, fewer than one step of {global_batch} "
+                         f"(data.batch_size x train.accum_steps x {dist.world_size} processes)")
 
-    # Model, loss, optimisation.
-    model = network.build_model(cfg.model.name, num_classes, **cfg.model.options)
+    # Model: `net` is the module itself (checkpoints, evaluation), `model` what a training step calls.
+    net = network.build_model(cfg.model.name, num_classes, **cfg.model.options)
     if cfg.model.pretrained:
-        log.info(load_trunk_weights(model.backbone, cfg.model.pretrained).summary())
+        log.info(load_trunk_weights(net.backbone, cfg.model.pretrained).summary())
     if cfg.model.snapshot and resume is None:
-        log.info(load_checkpoint(model, cfg.model.snapshot, strict=False).summary())
-    model.to(dist.device)
+        log.info(load_checkpoint(net, cfg.model.snapshot, strict=False).summary())
+    if resume is not None:
+        net.load_state_dict(resume[1]["model"])
+    net.to(dist.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    model: torch.nn.Module = net
     if dist.distributed:
         if cfg.model.norm == "syncbn":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            net = sync_batchnorm(net, dist.device)
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
+    if cfg.train.compile:
+        model = torch.compile(model)
+
     criterion = build_criterion(cfg.loss, num_classes, ignore)
-    optimizer = build_optimizer(cfg, model)
-    iters_per_epoch = len(train_loader)
-    if iters_per_epoch == 0:
-        raise SystemExit(f"the training split has {len(train_set)} images, fewer than one batch of {cfg.data.batch_size}")
-    max_iter = cfg.train.max_iter if cfg.train.max_iter > 0 else cfg.train.max_epoch * iters_per_epoch
-    if max_iter <= 0:
-        raise SystemExit("config error: set train.max_iter or train.max_epoch to a positive number")
+    optimizer = build_optimizer(cfg, net)
+    max_iter = cfg.train.max_iter if cfg.train.max_iter > 0 else cfg.train.max_epoch * steps_per_epoch
     per_iter = cfg.train.lr_step == "iter"
-    sched_len = max_iter if per_iter else math.ceil(max_iter / iters_per_epoch)
+    sched_len = max_iter if per_iter else math.ceil(max_iter / steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(sched_len, cfg.train.poly_exp))
     scaler = grad_scaler(cfg.train.precision, dist.device)
     state = TrainState()
 
     if resume is not None:
         path, ckpt = resume
-        unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        restore_rng(ckpt, cfg, dist, log)
         log.info(f"resumed from {path} at iteration {state.iteration}")
+    saved_at = state.iteration if resume is not None else -1
 
     def checkpoint() -> None:
+        nonlocal saved_at
+        rngs = all_gather_objects(rng_state())  # every rank's streams, restored rank by rank
         if dist.is_main:
             payload = {
                 "format": "hmsa",
                 "arch": cfg.model.name,
                 "num_classes": num_classes,
                 "config": to_dict(cfg),
-                "model": unwrap(model).state_dict(),
+                "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "state": vars(state).copy(),
-                "rng": rng_state(),
+                "rng": rngs,
+                "world_size": dist.world_size,
             }
             log.info(f"checkpoint {save_run_checkpoint(run_dir, state.iteration, payload)}")
+        barrier()  # nobody moves on (or exits) before the file is complete
+        saved_at = state.iteration
 
-    def validate(final: bool) -> dict:
+    def validate(final: bool) -> dict | None:
+        """Metrics of the validation split; None when a preemption signal cut it short (on every rank)."""
         dump_dir = os.path.join(run_dir, cfg.eval.dump_dir) if final else None
         result = evaluate(
-            model, val_loader, num_classes, ignore, cfg.eval.scales, dist.device, cfg.train.precision,
+            net, val_loader, num_classes, ignore, cfg.eval.scales, dist.device, cfg.train.precision,
             flip=cfg.eval.flip, dump_dir=dump_dir, num_dump=cfg.eval.num_dump if final else 0,
-            palette=val_set.palette, rank=dist.rank,
+            palette=val_set.palette, rank=dist.rank, should_stop=preempt.batch_check(len(val_loader)),
+            fusion=cfg.eval.fusion, window=cfg.eval.window, overlap=cfg.eval.overlap, dump=cfg.eval.dump,
         )
+        model.train()
+        if result.stopped:
+            log.info(f"validation at iteration {state.iteration} interrupted by a preemption signal")
+            return None
         metrics = compute_metrics(result.hist, val_set.class_names)
         metrics["loss"] = result.loss
         log.scalars("val", state.iteration, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
@@ -171,8 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
                  f"{' + flip' if cfg.eval.flip else ''}:\n" + format_table(metrics))
         if metrics["miou"] > state.best_miou:
             state.best_miou, state.best_iteration = metrics["miou"], state.iteration
-        model.train()
         return metrics
+
+    def stop_for_preemption() -> None:
+        if saved_at != state.iteration:
+            checkpoint()
+        log.info(f"stopped by a preemption signal at iteration {state.iteration}/{max_iter}; exit code "
+                 f"{EXIT_PREEMPTED}: run the same command again (train.sbatch requeues itself) to resume")
+        log.close()
+        raise SystemExit(EXIT_PREEMPTED)
 
     progress = Progress(max_iter, state.iteration, log.info)
 
@@ -187,20 +267,28 @@ def main(argv: list[str] | None = None) -> dict:
             validate(final=False)
         if it % cfg.train.ckpt_interval == 0 and it < max_iter:
             checkpoint()
-        return True
+        return not preempt.agreed()  # every rank stops at the same step
 
     start = time.time()
     while state.iteration < max_iter:
-        epoch_start = state.epoch * iters_per_epoch
-        train_loader.sampler.set_epoch(state.epoch, skip=(state.iteration - epoch_start) * cfg.data.batch_size)
-        train_one_epoch(model, train_loader, criterion, optimizer, scheduler, scaler, state, max_iter,
-                        dist.device, cfg.train.precision, on_step, step_lr_per_iter=per_iter)
-        if state.iteration >= epoch_start + iters_per_epoch:
-            state.epoch += 1
+        done = state.epoch_samples // global_batch  # steps of this epoch already taken (mid-epoch resume)
+        train_loader.sampler.set_epoch(state.epoch, skip=state.epoch_samples // dist.world_size)
+        finished = train_one_epoch(
+            model, train_loader, criterion, optimizer, scheduler, scaler, state,
+            min(max_iter, state.iteration + steps_per_epoch - done), dist.device, cfg.train.precision, on_step,
+            step_lr_per_iter=per_iter, accum_steps=accum, samples_per_step=global_batch,
+            channels_last=cfg.train.channels_last,
+        )
+        if not finished:
+            stop_for_preemption()
+        if state.epoch_samples >= steps_per_epoch * global_batch:
+            state.epoch, state.epoch_samples = state.epoch + 1, 0
             if not per_iter:
                 scheduler.step()
     log.info(f"training finished: {max_iter} iterations in {time.time() - start:.0f} s")
     metrics = validate(final=True)
+    if metrics is None:
+        stop_for_preemption()
     checkpoint()
     if dist.is_main:
         os.makedirs(os.path.join(run_dir, cfg.eval.dump_dir), exist_ok=True)
@@ -209,7 +297,6 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(results, f, indent=1)
         log.info(f"mIoU {100 * metrics['miou']:.2f} -> {os.path.join(run_dir, cfg.eval.dump_dir)}")
     log.close()
-    cleanup()
     return metrics
 
 

@@ -49,7 +49,7 @@ class DataConfig:
     gblur: bool = True
     bblur: bool = False  # bilateral blur (takes precedence over gblur)
     rand_augment: tuple[int, ...] = ()  # (N, M): N RandAugment ops of magnitude M/30 on image+mask; () off
-    eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0 keeps the native size
+    eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0: pre_size, or native size if 0 too
     eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
     skip_bad: bool = False  # log and skip unreadable samples instead of stopping
     class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
@@ -115,6 +115,10 @@ class TrainConfig:
     val_interval: int = 0  # iterations between validations (0: only at the end)
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation); global batch = batch·this·GPUs
+    compile: bool = False  # torch.compile the training model (first steps are slower: compilation)
+    channels_last: bool = False  # NHWC memory layout for model and images (faster convolutions on tensor cores)
+    dist_timeout: int = 600  # seconds a collective (or the start-up rendezvous) may wait before the run stops
     output_dir: str = "runs"
     run_name: str = "demo"
 

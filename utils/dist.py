@@ -1,11 +1,53 @@
-"""Process-group set-up from torchrun's variables; rank helpers. One process needs no process group."""
+"""Process groups from torchrun's or SLURM's variables; rank helpers; SyncBN conversion; clear collective errors.
+
+Launchers, in order of precedence:
+- torchrun (or torch.distributed.launch): RANK, WORLD_SIZE, LOCAL_RANK (or --local-rank), MASTER_ADDR, MASTER_PORT;
+- srun, one task per GPU (inside a job step): SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS (or SLURM_NTASKS),
+  the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) as the master, and a master port derived from
+  SLURM_JOB_ID so that jobs sharing a node do not clash (MASTER_ADDR / MASTER_PORT, when set, take precedence);
+- none: one process, no process group.
+A batch script that runs python without srun is one process even though SLURM_NTASKS may say more.
+"""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+DEFAULT_TIMEOUT_S = 600.0
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral range (32768+)
+
+
+class DistConfigError(ValueError):
+    """The launcher's environment is incomplete or inconsistent; the message names the variables."""
+
+
+class DistributedError(RuntimeError):
+    """Joining the process group or a collective operation failed; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What the launcher told this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 0
+    launcher: str = "none"  # none | torchrun | slurm
 
 
 @dataclass(frozen=True)
@@ -14,6 +56,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    launcher: str = "none"
 
     @property
     def is_main(self) -> bool:
@@ -24,32 +68,359 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun); init NCCL on GPUs, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+# ----------------------------------------------------------------------------------------------- environment
+
+
+def _int_var(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise DistConfigError(f"{name}={env[name]!r} is not an integer") from None
+
+
+def _require(env: Mapping[str, str], names: list[str], launcher: str, present: list[str]) -> None:
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        raise DistConfigError(
+            f"incomplete {launcher} environment: {', '.join(present)} set but {', '.join(missing)} missing; "
+            f"launch with {'torchrun' if launcher == 'torchrun' else 'srun (one task per GPU)'}, or unset "
+            f"{', '.join(present)} to run a single process"
+        )
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list, e.g. 'gpu[01-03,07],login1' -> gpu01 gpu02 gpu03 gpu07 login1.
+
+    Zero padding follows the lower bound ('[8-10]' -> 8, 9, 10; '[08-10]' -> 08, 09, 10); several bracket
+    groups in one name expand to their product ('r[1-2]n[1-2]' -> r1n1 r1n2 r2n1 r2n2).
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip(), nodelist):
+        hosts += _expand_host(item, nodelist)
+    return hosts
+
+
+def _split_top_level(text: str, whole: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise DistConfigError(f"node list {whole!r}: nested '['")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise DistConfigError(f"node list {whole!r}: ']' without '['")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise DistConfigError(f"node list {whole!r}: unclosed '['")
+    items.append(text[start:])
+    if any(not s for s in items):
+        raise DistConfigError(f"node list {whole!r}: empty host name")
+    return items
+
+
+def _expand_host(name: str, whole: str) -> list[str]:
+    m = re.search(r"\[([^\]]*)\]", name)
+    if m is None:
+        return [name]
+    head, tail = name[: m.start()], name[m.end():]
+    values = []
+    for part in m.group(1).split(","):
+        bounds = part.split("-")
+        if len(bounds) == 1 and bounds[0].isdigit():
+            values.append(bounds[0])
+        elif len(bounds) == 2 and all(b.isdigit() for b in bounds) and int(bounds[0]) <= int(bounds[1]):
+            width = len(bounds[0])
+            values += [str(v).zfill(width) for v in range(int(bounds[0]), int(bounds[1]) + 1)]
+        else:
+            raise DistConfigError(f"node list {whole!r}: bad range {part!r}")
+    return [head + v + rest for v in values for rest in _expand_host(tail, whole)]
+
+
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """SLURM's own expansion (`scontrol show hostnames`) when available, else `expand_nodelist`."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=20, check=True).stdout.split()
+            if out:
+                return out
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)
+
+
+def master_port_for_job(job_id: str | int) -> int:
+    """A port in [20000, 30000) from the job id: two jobs sharing a node use different ports."""
+    digits = re.sub(r"\D", "", str(job_id))
+    if not digits:
+        raise DistConfigError(f"SLURM_JOB_ID={job_id!r} holds no number")
+    return SLURM_PORT_BASE + int(digits) % SLURM_PORT_SPAN
+
+
+def read_env(environ: Mapping[str, str] | None = None, local_rank: int | None = None) -> DistEnv:
+    """The launcher's variables as a DistEnv; DistConfigError names what is missing or wrong.
+
+    `local_rank` is the value of a --local-rank/--local_rank argument (torch.distributed.launch passes it
+    instead of LOCAL_RANK).
+    """
+    env = os.environ if environ is None else environ
+    present = [n for n in TORCHRUN_VARS if env.get(n)]
+    if present:
+        return _torchrun_env(env, present, local_rank)
+    if env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID"):
+        return _slurm_env(env)
+    return DistEnv(local_rank=local_rank or 0)
+
+
+def _torchrun_env(env: Mapping[str, str], present: list[str], local_rank: int | None) -> DistEnv:
+    required = ["RANK", "WORLD_SIZE"] + (["LOCAL_RANK"] if local_rank is None else [])
+    _require(env, required, "torchrun", present)
+    world, rank = _int_var(env, "WORLD_SIZE"), _int_var(env, "RANK")
+    local = _int_var(env, "LOCAL_RANK") if env.get("LOCAL_RANK") else int(local_rank or 0)
+    _check_ranks(world, rank, local, "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    if world == 1:
+        return DistEnv(rank, 1, local, launcher="torchrun")
+    _require(env, ["MASTER_ADDR", "MASTER_PORT"], "torchrun", present)
+    port = _int_var(env, "MASTER_PORT")
+    return DistEnv(rank, world, local, env["MASTER_ADDR"], port, "torchrun")
+
+
+def _slurm_env(env: Mapping[str, str]) -> DistEnv:
+    present = [n for n in ("SLURM_STEP_ID", "SLURM_STEPID") if env.get(n)]
+    ntasks = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    nodes = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+    _require(env, ["SLURM_PROCID", "SLURM_LOCALID", ntasks, nodes, "SLURM_JOB_ID"], "SLURM", present)
+    world, rank, local = _int_var(env, ntasks), _int_var(env, "SLURM_PROCID"), _int_var(env, "SLURM_LOCALID")
+    _check_ranks(world, rank, local, ntasks, "SLURM_PROCID", "SLURM_LOCALID")
+    if world == 1:
+        return DistEnv(rank, 1, local, launcher="slurm")
+    addr = env.get("MASTER_ADDR") or slurm_hostnames(env[nodes])[0]
+    port = _int_var(env, "MASTER_PORT") if env.get("MASTER_PORT") else master_port_for_job(env["SLURM_JOB_ID"])
+    return DistEnv(rank, world, local, addr, port, "slurm")
+
+
+def _check_ranks(world: int, rank: int, local: int, w: str, r: str, lr: str) -> None:
+    if world < 1:
+        raise DistConfigError(f"{w}={world} must be at least 1")
+    if not 0 <= rank < world:
+        raise DistConfigError(f"{r}={rank} is outside [0, {w}={world})")
+    if local < 0:
+        raise DistConfigError(f"{lr}={local} must not be negative")
+
+
+# ----------------------------------------------------------------------------------------------- process group
+
+
+def init_distributed(device: str = "auto", timeout: float | None = None, local_rank: int | None = None,
+                     environ: Mapping[str, str] | None = None) -> DistInfo:
+    """Join the process group the launcher describes (NCCL on GPUs, gloo on CPU); one process joins none.
+
+    `timeout` (seconds) bounds the rendezvous and every later collective, so that a dead or hung rank stops the
+    others with an error instead of a hang.
+    """
+    env = read_env(environ, local_rank)
+    timeout = float(timeout or DEFAULT_TIMEOUT_S)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    dev = torch.device("cpu")
     if use_cuda:
+        # srun may bind each task to one GPU (then it is device 0), or show all of the node's GPUs.
+        dev = torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, dev)
+    info = DistInfo(env.rank, env.world_size, env.local_rank, dev, timeout, env.launcher)
+    if env.world_size == 1 or dist.is_initialized():
+        return info
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port)
+    except socket.gaierror as e:
+        raise DistributedError(f"rank {env.rank}: cannot resolve the master address {env.master_addr!r} "
+                               f"({_master_source(env)}): {e}") from e
+    host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
+    try:
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
+            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout),
+        )
+    except (RuntimeError, ValueError) as e:
+        who = ("the other processes did not all join" if env.rank == 0
+               else "could not join the process group")
+        raise DistributedError(
+            f"rank {env.rank}/{env.world_size}: {who} at {env.master_addr}:{env.master_port} within {timeout:.0f} s "
+            f"({_master_source(env)}): {_first_line(e)}\nCheck that every rank was started, that rank 0's host "
+            f"{env.master_addr} is reachable from this node and that port {env.master_port} is free there "
+            f"(set MASTER_PORT to use another)."
+        ) from e
+    return info
+
+
+def _master_source(env: DistEnv) -> str:
+    if env.launcher == "slurm":
+        return "master: MASTER_ADDR or the first host of the SLURM node list, port: MASTER_PORT or from SLURM_JOB_ID"
+    return "MASTER_ADDR, MASTER_PORT"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum across ranks (a no-op in one process)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.all_reduce(t)
     return t
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (a collective: call it at the same point on all ranks)."""
+    if not is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in one process)."""
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()
+
+
+_COMM_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout|broken pipe", re.I)
+
+
+@contextlib.contextmanager
+def collective_errors(info: DistInfo, logs: str = "the other ranks' logs") -> Iterator[None]:
+    """Turn a failed collective (a rank died, hung past the timeout, or the network broke) into a
+    DistributedError that says so, instead of a backend traceback."""
+    try:
+        yield
+    except DistributedError:
+        raise
+    except RuntimeError as e:
+        if not (info.distributed and is_initialized()) or not (
+            isinstance(e, dist.DistError) or _COMM_FAILURE.search(str(e))
+        ):
+            raise
+        raise DistributedError(
+            f"rank {info.rank}/{info.world_size}: a collective operation failed: {_first_line(e)}\n"
+            f"Another process has probably died or hangs (collectives wait at most train.dist_timeout = "
+            f"{info.timeout_s:.0f} s); this one stops instead of waiting. See {logs}."
+        ) from e
+
+
+def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() when `skip` (gradient accumulation: all-reduce only on the last micro-batch)."""
+    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------- SyncBN
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across ranks; the gradient of a sum over ranks is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch across gloo ranks, on the CPU.
+
+    torch's nn.SyncBatchNorm runs only on GPUs (its forward needs CUDA kernels and DDP refuses it on CPU
+    modules), so CPU runs, the tests among them, use this: per-channel sum, sum of squares and count are
+    all-reduced (differentiably, so the gradients equal those of one process on the global batch). Same
+    parameters and buffers as nn.BatchNorm2d, hence the same checkpoints. With one process it is nn.BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        # bf16/fp16 activations are normalised in float32, like torch's BN (sums are float64 in any case)
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
+        stats = torch.cat([xf.sum(dims, dtype=torch.float64), (xf * xf).sum(dims, dtype=torch.float64), count])
+        stats = _AllReduceSum.apply(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        inv = torch.rsqrt(var + self.eps).to(xf.dtype)
+        y = (xf - mean.to(xf.dtype).view(shape)) * inv.view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every nn.BatchNorm2d by nn.SyncBatchNorm (GPU) or CpuSyncBatchNorm (CPU), keeping its state.
+
+    Subclasses of BatchNorm (e.g. a norm fused with an activation) are refused rather than silently converted
+    into a plain SyncBatchNorm that would drop their extra behaviour.
+    """
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+            if type(module) is not nn.BatchNorm2d:
+                raise ValueError(f"model.norm=syncbn: cannot convert {type(module).__name__} (only BatchNorm2d)")
+            cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            if module.affine:
+                new.weight.requires_grad_(module.weight.requires_grad)
+                new.bias.requires_grad_(module.bias.requires_grad)
+            new.train(module.training)
+            return new.to(module.weight.device if module.affine else device)
+        for name, child in module.named_children():
+            module.add_module(name, convert(child))
+        return module
+
+    return convert(model)
+

@@ -8,27 +8,29 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from network.layers import rescale, resize
-from network.mscale import MscaleBase, check_scales
+from network.layers import resize
 
-from .dist import all_reduce_sum
-from .metrics import confusion_matrix
+from .dist import all_reduce_sum, no_sync
+from .dumps import ImageDumper, LabelIdWriter, image_miou, make_record
+from .inference import Combo, MultiScalePass, check_window, resolve_fusion
+from .metrics import confusion_counter
 from .precision import autocast
-from .visualize import dump_sample
 
 
 @dataclass
 class TrainState:
     """Everything about progress that a resume restores (besides model/optimizer/scheduler/scaler)."""
 
-    iteration: int = 0
+    iteration: int = 0  # optimizer steps done
     epoch: int = 0
+    epoch_samples: int = 0  # samples of `epoch` consumed by all ranks together (the sampler's resume position)
     best_miou: float = -1.0
     best_iteration: int = -1
 
@@ -74,30 +76,49 @@ def train_one_epoch(
     precision: str,
     on_step: Callable[[dict[str, float]], bool],
     step_lr_per_iter: bool = True,
+    *,
+    accum_steps: int = 1,
+    samples_per_step: int = 0,
+    channels_last: bool = False,
 ) -> bool:
-    """Run training steps over one pass of `loader` (or until `max_iter`).
+    """Run optimizer steps over one pass of `loader` (or until `max_iter`), each on `accum_steps` batches.
 
+    A step's gradient is the mean over its micro-batches; DDP all-reduces it once, on the last one. Batches left
+    over at the end of the pass (fewer than `accum_steps`) are not used. `samples_per_step` (all ranks together)
+    advances `state.epoch_samples`, the position a mid-epoch resume skips to.
     After each step `on_step(scalars)` logs, checkpoints, validates; it returns False to stop early (preemption).
     Returns False when training stopped before the end of the epoch.
     """
     model.train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    micro = 0
+    sums: dict[str, torch.Tensor] = {}
     for batch in loader:
         if state.iteration >= max_iter:
             return True
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True, memory_format=fmt)
         target = batch["mask"].to(device, non_blocking=True)
-        with autocast(precision, device):
-            outputs = model(images)
-        total, terms = criterion(outputs, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        with no_sync(model, skip=micro < accum_steps):
+            with autocast(precision, device):
+                outputs = model(images)
+            total, terms = criterion(outputs, target)
+            scaler.scale(total / accum_steps if accum_steps > 1 else total).backward()
+        for k, v in {"loss": total, **terms}.items():
+            sums[k] = sums.get(k, 0) + v.detach()
+        if micro < accum_steps:
+            continue
         scaler.step(optimizer)
         scaler.update()
         if step_lr_per_iter:
             scheduler.step()
         state.iteration += 1
-        scalars = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
-        if not on_step({k: float(v) for k, v in scalars.items()} | {"lr": optimizer.param_groups[0]["lr"]}):
+        state.epoch_samples += samples_per_step
+        scalars = {k: float(v) / accum_steps for k, v in sums.items()}
+        micro, sums = 0, {}
+        if not on_step(scalars | {"lr": optimizer.param_groups[0]["lr"]}):
             return False
     return True
 
@@ -110,33 +131,35 @@ def predict(
     images: torch.Tensor,
     scales: Sequence[float],
     flip: bool = False,
+    fusion: str | None = None,
+    window: Sequence[int] = (),
+    overlap: float = 0.25,
 ) -> dict[str, torch.Tensor]:
-    """Logits at input size under `scales` (and the flipped pass averaged in when `flip`).
+    """Logits `pred` at input size under `scales` (the mirrored pass averaged in when `flip`), and each scale's own
+    `pred_{s}x` (and `attn_{s}x` for attention models) at that scale's resolution.
 
-    Multi-scale attention models fuse the scales hierarchically and return their per-scale maps too; other
-    models average the logits of the rescaled inputs (the original's multi-scale inference).
+    fusion: attention (hierarchical, the default; 'average' for models without scale attention), average or max.
+    window: [height, width] for sliding-window inference at every scale ([] for whole images).
     """
-    scales = check_scales(scales)
-    net = unwrap(model)
-
-    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if isinstance(net, MscaleBase):
-            return model(x, scales=scales)
-        preds = [resize(model(rescale(x, s))["pred"], x.shape[-2:]) for s in scales]
-        return {"pred": torch.stack(preds).mean(0)}
-
-    out = run(images)
-    if flip:
-        flipped = run(images.flip(-1))
-        out["pred"] = (out["pred"] + flipped["pred"].flip(-1)) / 2
-    return out
+    combo = Combo.make(scales, resolve_fusion(model, fusion), flip)
+    run = MultiScalePass(model, images, combo.scales, flip, check_window(window, overlap), overlap)
+    return {"pred": run.logits(combo), **run.maps()}
 
 
 @dataclass
 class EvalResult:
-    hist: torch.Tensor
-    loss: float
-    dumped: list[str] = field(default_factory=list)
+    hist: torch.Tensor  # int64 [K, K] of the evaluated setting (summed over ranks)
+    loss: float  # mean CE per labelled pixel of that setting (NaN without labels)
+    dumped: list[str] = field(default_factory=list)  # picture files written by every rank
+    stopped: bool = False  # should_stop() ended the loop early: counts are partial and rank-local
+    images: list[dict] = field(default_factory=list)  # per dumped image: index, name, score, files {kind: path}
+    sweep: list[tuple[Combo, torch.Tensor]] = field(default_factory=list)  # every combination's hist, setting first
+    images_seen: int = 0  # images evaluated (summed over ranks)
+
+
+def _first_index(loader: Iterable[Any]) -> int:
+    """Dataset index of this rank's first image (the eval ShardSampler gives each rank a contiguous block)."""
+    return int(getattr(getattr(loader, "sampler", None), "start", 0))
 
 
 @torch.inference_mode()
@@ -153,59 +176,143 @@ def evaluate(
     num_dump: int = 0,
     palette: Any = None,
     rank: int = 0,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    fusion: str | None = None,
+    window: Sequence[int] = (),
+    overlap: float = 0.25,
+    sweep: Sequence[Combo] = (),
+    dump: str = "first",
+    label_writer: LabelIdWriter | None = None,
 ) -> EvalResult:
-    """Confusion matrix and mean CE loss over `loader`, summed across ranks; optional image dumps."""
+    """Confusion matrix and mean CE loss over `loader`, summed across ranks; image dumps; label-id files.
+
+    The evaluated setting is (scales, fusion, flip). `sweep` adds more (scale set, fusion, flip) combinations,
+    read from the same per-scale network outputs (the network runs once per distinct scale per image, and once
+    more per scale mirrored if any combination flips); their confusion matrices come back in `sweep`.
+    Batches without 'mask' (folders, test splits) give no metrics, only dumps and label ids.
+    Pictures (`dump_dir`, selection `dump` with N = `num_dump`, see utils/dumps.py) come from every rank and
+    batch element; `rank` is unused (kept for callers written when only rank 0 dumped).
+    `should_stop()` is asked once before each batch (preemption); when it answers True the loop ends at once,
+    nothing is all-reduced and the result has `stopped=True` with this rank's partial counts.
+    """
+    del rank
     model.eval()
-    hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, valid pixels
-    dumped: list[str] = []
-    seen = 0
+    setting = Combo.make(scales, resolve_fusion(model, fusion), flip)
+    combos = [setting] + [c for c in sweep if c != setting]
+    position = {c: i for i, c in enumerate(combos)}
+    run_scales = sorted({s for c in combos for s in c.scales}, reverse=True)
+    run_flip = any(c.flip for c in combos)
+    win = check_window(window, overlap)
+    dumper = None
+    if dump_dir is not None:
+        dumper = ImageDumper(dump_dir, dump, num_dump, palette, ignore_index, num_classes)
+        dumper = dumper if dumper.active else None
+    hists = torch.zeros(len(combos), num_classes, num_classes, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # CE sum, labelled pixels, images
+    index = _first_index(loader)
     for batch in loader:
+        if should_stop is not None and should_stop():
+            return EvalResult(hist=hists[0].cpu(), loss=float("nan"), stopped=True,
+                              sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]))
         images = batch["image"].to(device, non_blocking=True)
-        target = batch["mask"].to(device, non_blocking=True)
+        target = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
         with autocast(precision, device):
-            out = predict(model, images, scales, flip)
-        logits = out["pred"].float()
-        loss_sum[0] += F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum").double()
-        loss_sum[1] += (target != ignore_index).sum()
-        hist += confusion_matrix(logits.argmax(1), target, num_classes)
-        if dump_dir is not None and rank == 0:
-            for i in range(images.shape[0]):
-                if seen >= num_dump:
-                    break
-                sample = {k: v[i] for k, v in out.items()}
-                dumped += dump_sample(dump_dir, batch["name"][i], images[i], sample, palette, target[i], ignore_index)
-                seen += 1
-    all_reduce_sum(hist)
+            run = MultiScalePass(model, images, run_scales, run_flip, win, overlap)
+        logits = run.logits(setting).float()
+        if target is not None and logits.shape[-2:] != target.shape[-2:]:
+            logits = resize(logits, target.shape[-2:])  # labels kept at native size (data.eval_native_labels)
+        pred = logits.max(1).indices  # = argmax(1), several times faster on CPUs
+        loss_sum[2] += images.shape[0]
+        if target is not None:
+            loss_sum[0] += F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum").double()
+            loss_sum[1] += (target != ignore_index).sum()
+            count = confusion_counter(target, num_classes)
+            hists[0] += count(pred)
+            for combo, other in run.logits_many(combos[1:]):
+                if other.shape[-2:] != target.shape[-2:]:
+                    other = resize(other, target.shape[-2:])
+                hists[position[combo]] += count(other.max(1).indices)
+        maps = run.maps(setting.scales) if dumper is not None else {}
+        for j in range(images.shape[0]):
+            name = batch["name"][j]
+            if label_writer is not None:
+                label_writer.add(name, logits[j])
+            if dumper is not None:
+                tj = None if target is None else target[j]
+                score = math.nan if tj is None else image_miou(pred[j], tj, num_classes)
+                one = {k: v[j] for k, v in maps.items()}
+                record = partial(make_record, index + j, name, images[j], logits[j], one, tj, score)
+                dumper.add(record, index + j, score)  # builds the record only if the image is kept
+        index += images.shape[0]
+        del run, logits, pred, maps  # free this batch's maps before the next batch's network passes
+    all_reduce_sum(hists)
     all_reduce_sum(loss_sum)
-    loss = float(loss_sum[0] / loss_sum[1].clamp(min=1))
-    return EvalResult(hist=hist.cpu(), loss=loss, dumped=dumped)
+    entries = dumper.finish() if dumper is not None else []
+    loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
+    return EvalResult(
+        hist=hists[0].cpu(), loss=loss, dumped=[p for e in entries for p in e["files"].values()], images=entries,
+        sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- logging
 
 
 class RunLogger:
-    """Console + `train.log` text, `metrics.jsonl` rows and TensorBoard scalars, all appended on resume."""
+    """Console + `train.log` text, `metrics.jsonl` rows and TensorBoard scalars (rank 0), appended on resume.
 
-    def __init__(self, run_dir: str, enabled: bool = True, purge_step: int | None = None) -> None:
+    With `rank` given (a distributed run), every rank also writes its own `logs/rank<r>.log` (its messages,
+    warnings and errors); warnings and errors go to stderr on every rank, prefixed with the rank.
+    `resume_iteration`: the run continues after that iteration, so rows and TensorBoard events logged after it
+    by an interrupted run (which the resumed one logs again) are dropped.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool = True, purge_step: int | None = None,
+                 rank: int | None = None, resume_iteration: int | None = None) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
+        self.rank = rank
         self.writer = None
+        self.rank_file = None
+        if rank is not None:
+            os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+            self.rank_file = open(os.path.join(run_dir, "logs", f"rank{rank}.log"), "a", buffering=1)
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if resume_iteration is not None:
+            _drop_rows_after(metrics_path, resume_iteration)
+            purge_step = resume_iteration + 1
         self.text = open(os.path.join(run_dir, "train.log"), "a", buffering=1)
-        self.metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.metrics = open(metrics_path, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
+    def _stamp(self, message: str) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n"
+
     def info(self, message: str) -> None:
+        if self.rank_file is not None:
+            self.rank_file.write(self._stamp(message))
         if not self.enabled:
             return
         print(message, flush=True)
-        self.text.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+        self.text.write(self._stamp(message))
+
+    def warn(self, message: str, level: str = "WARNING") -> None:
+        """Shown on every rank (stderr), also in this rank's log file and, on rank 0, in train.log."""
+        prefix = f"[rank {self.rank}] " if self.rank is not None else ""
+        print(f"{prefix}{level}: {message}", file=sys.stderr, flush=True)
+        if self.rank_file is not None:
+            self.rank_file.write(self._stamp(f"{level}: {message}"))
+        if self.enabled:
+            self.text.write(self._stamp(f"{level}: {message}"))
+
+    def error(self, message: str) -> None:
+        self.warn(message, level="ERROR")
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -215,10 +322,35 @@ class RunLogger:
             self.writer.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.rank_file is not None:
+            self.rank_file.close()
+            self.rank_file = None
+        if self.enabled and self.writer is not None:
             self.writer.close()
             self.text.close()
             self.metrics.close()
+            self.writer = None
+
+
+def _drop_rows_after(path: str, iteration: int) -> None:
+    """Rewrite metrics.jsonl without the rows of iterations after `iteration` (atomically: temp file + rename)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if int(row.get("iteration", 0)) <= iteration:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def warn(message: str) -> None:

@@ -1,0 +1,151 @@
+"""The sbatch scripts on a real one-node SLURM cluster on localhost (tests/slurm_cluster.py starts and stops it):
+training with 2 tasks, a preemption signal that checkpoints, requeues and resumes, evaluation and a job array.
+
+Skipped, with the reason, where the SLURM and munge programs are missing or cannot run (slurmd needs root).
+`.ci/run` installs them, so in CI these tests run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, missing_binaries
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.height=64",
+    "data.synthetic.width=128", "data.crop_size=[64,64]", "data.batch_size=2", "data.val_batch_size=1",
+    "data.num_workers=0", "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
+    "model.norm=syncbn", "train.log_interval=1", "eval.scales=[0.5,1.0]", "eval.num_dump=1",
+]
+# The scripts' headers ask for 8 GPUs and 8 CPUs per node; this node has 2 of each.
+TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing: {', '.join(missing)}); .ci/run installs slurmctld, slurmd, "
+                    "slurm-client and munge")
+    if os.geteuid() != 0:
+        pytest.skip("slurmd must run as root to launch job steps")
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from datasets.synthetic import generate_synthetic_cityscapes
+
+    root = tmp_path_factory.mktemp("slurm_data") / "data"
+    generate_synthetic_cityscapes(str(root), 8, 2, 64, 128, 0)
+    return root
+
+
+def job_env(cluster: SlurmCluster) -> dict[str, str]:
+    return {**cluster.env(), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def submit(cluster: SlurmCluster, script: str, out: Path, *args: str, options: tuple[str, ...] = ()) -> str:
+    return cluster.sbatch(*TWO_TASKS, *options, f"--output={out}", f"scripts/slurm/{script}", *args, cwd=ROOT,
+                          env=job_env(cluster))
+
+
+def fail_text(cluster: SlurmCluster, out: Path) -> str:
+    return (out.read_text()[-4000:] if out.exists() else "(no job output)") + "\n" + cluster.logs(15)
+
+
+def train_rows(run: Path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in open(run / "metrics.jsonl")
+            if json.loads(line)["split"] == "train"]
+
+
+def test_train_sbatch_trains_the_demo_with_two_tasks(cluster, data, tmp_path):
+    out = tmp_path / "job.out"
+    job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
+                 f"data.root={data}", "train.max_iter=4", "train.ckpt_interval=2",
+                 f"train.output_dir={tmp_path}/runs", "train.run_name=demo")
+    info = cluster.wait_job(job, timeout=240)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), fail_text(cluster, out)
+    run = tmp_path / "runs" / "demo"
+    log = (run / "train.log").read_text()
+    assert "2 process(es) on cpu (launcher: slurm)" in log
+    assert sorted(p.name for p in run.glob("ckpt_*.pth")) == ["ckpt_00000002.pth", "ckpt_00000004.pth"]
+    assert train_rows(run) == [1, 2, 3, 4]
+    assert json.loads((run / "eval" / "results.json").read_text())["iteration"] == 4
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+    text = out.read_text()
+    assert "0: [##########..........] 2/4" in text and "1: [" not in text  # one progress stream, labelled rank 0
+    assert "tasks finished with exit code 0" in text
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
+    out = tmp_path / "job.out"
+    run = tmp_path / "runs" / "preempt"
+    planned = 16
+    job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
+                 f"data.root={data}", f"train.max_iter={planned}", "train.ckpt_interval=100", "eval.num_dump=0",
+                 f"train.output_dir={tmp_path}/runs", "train.run_name=preempt")
+    end = time.time() + 180
+    while time.time() < end and not ((run / "metrics.jsonl").exists() and len(train_rows(run)) >= 2):
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)
+        time.sleep(0.5)
+    # what `#SBATCH --signal=B:USR1@300` sends before the time limit
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = cluster.wait_job(job, timeout=120, states=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    while info.get("Restarts") != "1" and time.time() < end:
+        info = cluster.job(job)
+        time.sleep(0.5)
+    assert info.get("Restarts") == "1", fail_text(cluster, out)
+    # SLURM holds a requeued job for 120 s (its BeginTime); release it now instead of waiting.
+    cluster.wait_job(job, timeout=60, states=("PENDING",))
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    info = cluster.wait_job(job, timeout=240)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), fail_text(cluster, out)
+
+    log = (run / "train.log").read_text()
+    stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", log)
+    assert stopped, log[-3000:]
+    k = int(stopped.group(1))
+    assert 2 <= k < planned
+    assert f"resumed from {run}/ckpt_{k:08d}.pth at iteration {k}" in log
+    assert train_rows(run) == list(range(1, planned + 1))  # every iteration once: none lost, none run twice
+    assert sorted(p.name for p in run.glob("ckpt_*.pth")) == [f"ckpt_{k:08d}.pth", f"ckpt_{planned:08d}.pth"]
+    text = out.read_text()
+    assert "received SIGUSR1, forwarding it to the tasks" in text
+    assert "(exit 75): requeueing" in text and "(restart 1)" in text
+
+
+def test_eval_sbatch_and_a_scale_set_array(cluster, data, tmp_path):
+    run = tmp_path / "runs" / "r"
+    train = submit(cluster, "train.sbatch", tmp_path / "train.out", *TINY, f"data.root={data}", "train.max_iter=2",
+                   f"train.output_dir={tmp_path}/runs", "train.run_name=r", options=("--ntasks-per-node=1",))
+    info = cluster.wait_job(train, timeout=240)
+    assert info["JobState"] == "COMPLETED", fail_text(cluster, tmp_path / "train.out")
+
+    out = tmp_path / "eval.out"
+    job = submit(cluster, "eval.sbatch", out, "--config", str(run / "config.yaml"), "--out", str(tmp_path / "ev"))
+    (tmp_path / "scales.txt").write_text("# scale sets\n0.5,1.0\n\n1.0, 2.0\n")
+    env = {**job_env(cluster), "EVAL_OUT": str(tmp_path / "array")}
+    array = cluster.run(str(ROOT / "scripts" / "slurm" / "submit_array.sh"), "eval", str(tmp_path / "scales.txt"),
+                        "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10",
+                        f"--output={tmp_path}/array-%a.out", "--", "--config", str(run / "config.yaml"),
+                        cwd=ROOT, env=env).stdout.split()[-1]
+    info = cluster.wait_job(job, timeout=240)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), fail_text(cluster, out)
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["scales"] == [0.5, 1.0]
+    for task, scales in ((0, [0.5, 1.0]), (1, [1.0, 2.0])):
+        info = cluster.wait_job(f"{array}_{task}", timeout=240)
+        assert info["JobState"] == "COMPLETED", fail_text(cluster, tmp_path / f"array-{task}.out")
+        results = tmp_path / "array" / "+".join(str(s) for s in scales) / "results.json"
+        assert json.loads(results.read_text())["scales"] == scales
