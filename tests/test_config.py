@@ -104,3 +104,10 @@ def test_scale_list_checked_at_load(scales, match):
 def test_budget_must_be_positive():
     with pytest.raises(ConfigError, match="train.max_iter or train.max_epoch"):
         load_config(None, ["train.max_iter=0", "train.max_epoch=0"])
+
+
+@pytest.mark.parametrize("override,match", [("train.accum_steps=0", "accum_steps must be at least 1"),
+                                            ("train.dist_timeout=0", "dist_timeout must be a positive")])
+def test_train_settings_checked_at_load(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -250,6 +250,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.max_iter and train.max_epoch must be >= 0")
     if cfg.train.max_iter == 0 and cfg.train.max_epoch == 0:
         raise ConfigError("set train.max_iter or train.max_epoch to a positive number")
+    if cfg.train.accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
+    if cfg.train.dist_timeout <= 0:
+        raise ConfigError(f"train.dist_timeout must be a positive number of seconds, got {cfg.train.dist_timeout}")
     if any(c <= 0 for c in cfg.data.crop_size):
         raise ConfigError(f"data.crop_size: must be positive, got {list(cfg.data.crop_size)}")
     return cfg

@@ -351,7 +351,3 @@ def _drop_rows_after(path: str, iteration: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(keep)
         os.replace(tmp, path)
-
-
-def warn(message: str) -> None:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
