@@ -1,8 +1,23 @@
-"""Evaluate a model on a labelled split: `python eval.py --config RUN/config.yaml [--checkpoint CKPT] [key=value ...]`.
+"""Evaluate or run a model: `python eval.py --config RUN/config.yaml [--checkpoint CKPT] [MODE] [key=value ...]`.
 
-The scale set and flip come from the config and can be overridden, e.g. `eval.scales=[0.25,0.5,1.0,2.0]
-eval.flip=true`. The checkpoint is, in order: --checkpoint, model.snapshot, the newest checkpoint of the run folder.
-Results (per-class table, JSON) and sample images go to --out (default: the run folder's eval dump folder).
+Modes (what is read):
+    (default)          the labelled split data.val_split: metrics, per-class table, sample pictures
+    --split NAME       another split of data.dataset; an unlabelled one (Cityscapes `test`) gives predictions only
+    --folder DIR       every image of a folder (no labels): pictures of all of them
+    --video FILE       an annotated video (overlay, and attention maps with eval.video_attention=true)
+(a folder or a video takes the class list of data.classes, Cityscapes when empty)
+and what is written besides pictures:
+    --submit           label-id PNGs (Cityscapes ids) for the test server, in OUT/submit
+    --autolabel        the same with their probability maps `_prob.png`, in OUT/autolabel
+(files are named after the image file, e.g. X_leftImg8bit.png; both skip images whose files exist, so an
+interrupted run resumes).
+
+Inference comes from the config: eval.scales (any set containing 1.0), eval.flip, eval.fusion (attention |
+average | max), eval.window / eval.overlap (sliding window per scale). eval.scale_sets=[[1.0],[0.5,1.0],...] sweeps
+every set x eval.sweep_fusions x eval.sweep_flips in one pass over the data and writes sweep.json / sweep.csv.
+Pictures: eval.dump (none | first | all | every | worst) with N = eval.num_dump.
+The checkpoint is, in order: --checkpoint, model.snapshot, the newest checkpoint of the run folder. Results go to
+--out (default: the run folder's eval.dump_dir).
 """
 from __future__ import annotations
 
@@ -10,15 +25,31 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
+from typing import Any
+
+import cv2
+from torch.utils.data import Subset
 
 import network
 from datasets import build_dataset, build_loader
+from datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
+from datasets.cityscapes import label_map as cityscapes_label_map
+from datasets.folder import class_info
+from network.mscale import FUSION_RULES, check_scales
+from transforms import build_transforms
 from utils.checkpoint import checkpoint_paths, load_checkpoint
-from utils.config import ConfigError, load_config, to_dict
-from utils.dist import cleanup, init_distributed
+from utils.config import Config, ConfigError, load_config, to_dict
+from utils.dist import DistConfigError, DistributedError, barrier, cleanup, init_distributed
+from utils.dumps import LabelIdWriter, check_dump_mode, train_to_label_lut
 from utils.engine import RunLogger, evaluate
-from utils.metrics import compute_metrics, format_table
-from network.mscale import check_scales
+from utils.inference import check_window, has_attention, sweep_combos
+from utils.metrics import compute_metrics, format_sweep, format_table, sweep_results, write_per_class_csv, write_sweep
+from utils.results_page import write_results_page
+from utils.video import ProgressLine, VideoReader, annotate_video
+
+TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
+TB_KINDS = ("overlay", "error", "conf")  # plus every attn_{s}x
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +58,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.scales=[0.5,1.0,2.0] eval.flip=true")
     p.add_argument("--checkpoint", default=None, help="weights to evaluate (ours or an original snapshot)")
     p.add_argument("--out", default=None, help="output folder for results and images")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--split", default=None, help="split of data.dataset to read (default data.val_split)")
+    mode.add_argument("--folder", default=None, help="segment every image of this folder (no labels)")
+    mode.add_argument("--video", default=None, help="segment this video file and write an annotated one")
+    p.add_argument("--video-out", default=None, help="annotated video path (default OUT/<name>_seg.mp4)")
+    p.add_argument("--submit", action="store_true", help="write label-id PNGs for the test server (OUT/submit)")
+    p.add_argument("--autolabel", action="store_true", help="write label-id + _prob PNGs (OUT/autolabel)")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
+    if args.video and (args.submit or args.autolabel):
+        p.error("--submit / --autolabel write per-image files; they do not apply to --video")
+    if args.video_out and not args.video:
+        p.error("--video-out needs --video")
+    return args
+
+
+def check_eval_config(cfg: Config) -> None:
+    """Every eval.* value that could fail later, checked before any data or model is touched."""
+    e = cfg.eval
+    for key, scales in [("eval.scales", e.scales)] + [(f"eval.scale_sets[{i}]", s) for i, s in enumerate(e.scale_sets)]:
+        try:
+            check_scales(scales)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from err
+    for key, rules in (("eval.fusion", [e.fusion]), ("eval.sweep_fusions", e.sweep_fusions)):
+        bad = [r for r in rules if r not in FUSION_RULES]
+        if bad or not rules:
+            raise ValueError(f"{key}: expected values among {', '.join(FUSION_RULES)}, got {list(rules)}")
+    if e.scale_sets and not e.sweep_flips:
+        raise ValueError("eval.sweep_flips must not be empty (use [false], [true] or [false, true])")
+    check_window(e.window, e.overlap)
+    check_dump_mode(e.dump, e.num_dump)
 
 
 def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
@@ -42,43 +103,162 @@ def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
     return found[0]
 
 
+def read_dataset(cfg: Config, args: argparse.Namespace):
+    """The dataset to run on: a split of data.dataset, or a folder of images (datasets/folder.py, with the class
+    list of data.classes: Cityscapes when empty). A video needs only that class list."""
+    if args.video is not None:
+        return class_info(cfg.data.classes)
+    if args.folder is None:
+        return build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
+    return build_dataset(replace(cfg.data, dataset="folder", root=args.folder), "folder", train=False)
+
+
+def pending(dataset, writer: LabelIdWriter):
+    """The images whose label-id files are not written yet (resume), as a Subset when some are done."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return dataset
+    todo = [i for i, s in enumerate(samples) if not writer.done(s.name)]
+    return dataset if len(todo) == len(samples) else Subset(dataset, todo)
+
+
+def label_table(dataset) -> dict[int, int]:
+    """Label id -> train id of the dataset; a folder of images takes that of its class list (Cityscapes: the
+    official ids; any other list: train ids written as they are)."""
+    table = getattr(getattr(dataset, "label_map", None), "id_to_train", None)
+    if table is not None:
+        return table
+    if getattr(dataset, "classes", None) is CITYSCAPES_CLASSES:
+        return cityscapes_label_map().id_to_train
+    return {i: i for i in range(dataset.num_classes)}
+
+
+def label_writer(args: argparse.Namespace, dataset, out_dir: str) -> LabelIdWriter | None:
+    if not (args.submit or args.autolabel):
+        return None
+    lut = train_to_label_lut(label_table(dataset), dataset.num_classes)
+    folder = os.path.join(out_dir, "autolabel" if args.autolabel else "submit")
+    stems = {s.name: os.path.splitext(os.path.basename(s.image))[0] for s in getattr(dataset, "samples", [])}
+    return LabelIdWriter(folder, lut, with_prob=args.autolabel, stems=stems)
+
+
+def log_images(writer: Any, images: list[dict], step: int = 0) -> None:
+    """The first TB_MAX_IMAGES dumped images' overlay, error, confidence and attention pictures to TensorBoard."""
+    for entry in images[:TB_MAX_IMAGES]:
+        for kind, path in entry["files"].items():
+            if kind in TB_KINDS or kind.startswith("attn_"):
+                bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+                if bgr is None:  # written by a rank on another node without a shared file system
+                    continue
+                writer.add_image(f"eval/{entry['name']}/{kind}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), step,
+                                 dataformats="HWC")
+
+
+def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out_dir: str, log: RunLogger) -> dict:
+    reader = VideoReader(args.video)
+    stem = os.path.splitext(os.path.basename(args.video))[0]
+    out_path = args.video_out or os.path.join(out_dir, f"{stem}_seg.mp4")
+    e = cfg.eval
+    frames = annotate_video(
+        model, reader, out_path, build_transforms(cfg.data, False, classes.ignore_index), classes.palette, device,
+        e.scales, e.flip, e.fusion, e.window, e.overlap, cfg.train.precision, e.video_attention,
+        ProgressLine(reader.frame_count),
+    )
+    log.info(f"{args.video}: {frames} frames -> {out_path}")
+    return {"video": out_path, "frames": frames}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_scales(cfg.eval.scales)
+        check_eval_config(cfg)
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from e
-    dist = init_distributed()
+    try:
+        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+    except (DistConfigError, DistributedError) as e:
+        raise SystemExit(f"distributed set-up failed: {e}") from e
+    if args.video and dist.distributed:
+        raise SystemExit("--video runs in one process; start it without torchrun")
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
     out_dir = args.out or os.path.join(run_dir, cfg.eval.dump_dir)
     weights = find_weights(args, run_dir, cfg.model.snapshot)
 
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    loader = build_loader(val_set, cfg.data, False, dist.rank, dist.world_size, cfg.train.seed)
-    model = network.build_model(cfg.model.name, val_set.num_classes, **cfg.model.options)
+    # Everything that can be wrong with the input is found here, before the first image is processed.
+    if args.video:
+        VideoReader(args.video).close()
+    dataset = read_dataset(cfg, args)
+    labelled = bool(getattr(dataset, "has_labels", False))
+    if cfg.eval.dump == "worst" and not labelled:
+        raise SystemExit("config error: eval.dump=worst ranks images by IoU and needs a labelled split")
+    writer = label_writer(args, dataset, out_dir)
+    model = network.build_model(cfg.model.name, dataset.num_classes, **cfg.model.options)
     report = load_checkpoint(model, weights, strict=True)
+    combos = []
+    if cfg.eval.scale_sets:
+        e = cfg.eval
+        combos = sweep_combos(list(e.scale_sets) + [[1.0]], e.sweep_fusions, e.sweep_flips, model)
     model.to(dist.device)
 
     log = RunLogger(out_dir, enabled=dist.is_main)
     log.info(report.summary())
+    if not has_attention(model) and cfg.eval.fusion == "attention" and len(cfg.eval.scales) > 1:
+        log.info(f"{cfg.model.name} has no scale attention: its scales are averaged (eval.fusion=average)")
+    if args.video:
+        summary = run_video(cfg, args, model, dataset, dist.device, out_dir, log)
+        log.close()
+        return summary
+
+    # Resume skips finished images on unlabelled data only: on a labelled split every image is evaluated, so that
+    # the metrics cover the split (existing label-id files are still not rewritten).
+    todo = pending(dataset, writer) if writer is not None and not labelled else dataset
+    barrier()  # every rank has listed the pending images before any rank writes
+    if writer is not None and len(todo) < len(dataset):
+        log.info(f"{len(dataset) - len(todo)} of {len(dataset)} images already have label-id files: skipped")
+    loader = build_loader(todo, cfg.data, False, dist.rank, dist.world_size, cfg.train.seed)
+    e = cfg.eval
+    dump = "all" if args.folder is not None and e.dump == "first" else e.dump  # a folder is run to be looked at
     result = evaluate(
-        model, loader, val_set.num_classes, val_set.ignore_index, cfg.eval.scales, dist.device,
-        cfg.train.precision, flip=cfg.eval.flip, dump_dir=out_dir, num_dump=cfg.eval.num_dump,
-        palette=val_set.palette, rank=dist.rank,
+        model, loader, dataset.num_classes, dataset.ignore_index, e.scales, dist.device, cfg.train.precision,
+        flip=e.flip, dump_dir=out_dir, num_dump=e.num_dump, palette=dataset.palette, fusion=e.fusion,
+        window=e.window, overlap=e.overlap, sweep=combos, dump=dump, label_writer=writer,
     )
-    metrics = compute_metrics(result.hist, val_set.class_names)
-    metrics["loss"] = result.loss
+    source = args.folder or f"{cfg.data.dataset}/{args.split or cfg.data.val_split}"
+    setting = f"scales {list(e.scales)}, fusion {result.sweep[0][0].fusion}{' + flip' if e.flip else ''}"
+    summary: dict[str, Any] = {"checkpoint": weights, "source": source, "scales": list(e.scales),
+                               "fusion": result.sweep[0][0].fusion, "flip": e.flip, "images": result.images_seen}
+    metrics = None
+    if labelled:
+        metrics = compute_metrics(result.hist, dataset.class_names)
+        metrics["loss"] = result.loss
+        summary.update(metrics)
+    sweep = None
+    if combos and labelled:
+        hists = dict(result.sweep)
+        rows = [({"scales": list(c.scales), "fusion": c.fusion, "flip": c.flip}, hists[c]) for c in combos]
+        sweep = sweep_results(rows, dataset.class_names)
+    if writer is not None:
+        summary.update(label_files=writer.out_dir, label_files_written=writer.written)
     if dist.is_main:
-        log.info(f"{weights} on {cfg.data.dataset}/{cfg.data.val_split}, scales {list(cfg.eval.scales)}"
-                 f"{' + flip' if cfg.eval.flip else ''}:\n" + format_table(metrics))
-        results = {"checkpoint": weights, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip,
-                   "config": to_dict(cfg), **metrics}
+        os.makedirs(out_dir, exist_ok=True)
+        if metrics is not None:
+            log.info(f"{weights} on {source}, {setting}:\n" + format_table(metrics))
+            write_per_class_csv(os.path.join(out_dir, "per_class.csv"), metrics)
+        if sweep is not None:
+            write_sweep(sweep, os.path.join(out_dir, "sweep.json"), os.path.join(out_dir, "sweep.csv"))
+            log.info(f"scale-set sweep on {source}, {result.images_seen} images:\n" + format_sweep(sweep))
+            summary["sweep"] = os.path.join(out_dir, "sweep.json")
+        if result.images:
+            page = write_results_page(os.path.join(out_dir, "index.html"), f"{source}: {setting}", result.images,
+                                      metrics, sweep)
+            log_images(log.writer, result.images)
+            log.info(f"{len(result.images)} images dumped; results page {page}")
         with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({**summary, "config": to_dict(cfg)}, f, indent=1)
     log.close()
     cleanup()
-    return metrics
+    return summary
 
 
 if __name__ == "__main__":

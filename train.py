@@ -222,7 +222,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         result = evaluate(
             net, val_loader, num_classes, ignore, cfg.eval.scales, dist.device, cfg.train.precision,
             flip=cfg.eval.flip, dump_dir=dump_dir, num_dump=cfg.eval.num_dump if final else 0,
-            palette=val_set.palette, rank=dist.rank, should_stop=preempt.batch_check(len(val_loader)),
+            palette=val_set.palette, should_stop=preempt.batch_check(len(val_loader)),
             fusion=cfg.eval.fusion, window=cfg.eval.window, overlap=cfg.eval.overlap, dump=cfg.eval.dump,
         )
         model.train()

@@ -6,7 +6,8 @@ A subclass implements `single_forward(x) -> {'pred', 'attn'[, 'aux']}`, every ma
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import reduce
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from .layers import rescale, resize, resize_as
 
 FUSED_KEYS = ("pred", "aux")  # outputs fused across scales when a model produces them
+FUSION_RULES = ("attention", "average", "max")  # how per-scale logits are combined at inference
 
 
 def scale_key(prefix: str, scale: float) -> str:
@@ -40,11 +42,15 @@ def fuse_step(fused: torch.Tensor | None, scale: float, pred: torch.Tensor, attn
     At scales >= 1 the running result is resized to the current scale; below 1 the current scale's weighted
     prediction is upsampled to the running result (which then stays at 1x). The product a*p is formed at the
     low resolution and upsampled, and the attention is upsampled separately, as in the original.
+    The arithmetic is float32 whatever precision the network ran in (a no-op in fp32): under fp16/bf16 autocast
+    a weight near 0 or 1 would otherwise round a scale's contribution away.
     """
     if fused is None:
         return pred
+    pred, attn = pred.float(), attn.float()
     if scale >= 1.0:
-        return attn * pred + (1 - attn) * resize_as(fused, pred)
+        return attn * pred + (1 - attn) * resize_as(fused, pred).float()
+    fused = fused.float()
     return resize_as(attn * pred, fused) + (1 - resize_as(attn, fused)) * fused
 
 
@@ -52,9 +58,16 @@ class MscaleBase(nn.Module):
     """Wraps a single-scale network (`single_forward`) in hierarchical multi-scale attention."""
 
     lo_scale: float = 0.5
+    train_hi_attn: bool = False  # run the attention head on training's 1.0x pass too (see two_scale_forward)
 
     def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def single_forward_without_attn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`single_forward` without 'attn'; subclasses override it to skip the attention head's cost."""
+        out = self.single_forward(x)
+        del out["attn"]
+        return out
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
         if self.training and scales is None:
@@ -62,9 +75,16 @@ class MscaleBase(nn.Module):
         return self.nscale_forward(images, scales if scales is not None else (self.lo_scale, 1.0))
 
     def two_scale_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training: the low-scale copy and the input through the shared network, fused by the low attention."""
+        """Training: the low-scale copy and the input through the shared network, fused by the low attention.
+
+        The 1.0x attention is not used by any output. The original computes it anyway; skipping it (the default)
+        leaves every output and gradient bit-identical and saves the head's forward at full resolution (~18% of
+        a single-scale forward for HRNet-OCR). The one difference: the head's BatchNorm running statistics are
+        then updated by the 0.5x pass alone, the scale whose batch statistics the trained attention used.
+        `train_hi_attn=True` restores the original's computation (running statistics of both passes).
+        """
         lo = self.single_forward(rescale(images, self.lo_scale))
-        hi = self.single_forward(images)
+        hi = self.single_forward(images) if self.train_hi_attn else self.single_forward_without_attn(images)
         out: dict[str, torch.Tensor] = {scale_key("attn", self.lo_scale): lo["attn"]}
         for key in FUSED_KEYS:
             if key in hi:
@@ -91,3 +111,32 @@ class MscaleBase(nn.Module):
 def upsample_outputs(outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Every map of a model output dict resized to `size` (for losses and dumps)."""
     return {k: resize(v, size) for k, v in outputs.items()}
+
+
+def fuse_scales(
+    preds: Mapping[float, torch.Tensor],
+    scales: Sequence[float],
+    rule: str = "attention",
+    attns: Mapping[float, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Fuse precomputed per-scale logits (each at its own scale's resolution) into logits at the 1.0 size.
+
+    attention: the hierarchical chain of `fuse_step`, high to low (`nscale_forward` without the network);
+    average: the mean of the logits resized to 1x (the original's --multi_scale_inference);
+    max: their per-pixel, per-class maximum.
+    """
+    order = check_scales(scales)
+    if rule == "attention":
+        if attns is None:
+            raise ValueError("attention fusion needs the per-scale attention maps")
+        fused = None
+        for s in order:
+            fused = fuse_step(fused, s, preds[s], attns[s])
+        return fused
+    size = preds[1.0].shape[-2:]
+    resized = [resize(preds[s], size) for s in order]
+    if rule == "average":
+        return reduce(torch.add, resized) / len(resized)
+    if rule == "max":
+        return reduce(torch.maximum, resized)
+    raise ValueError(f"unknown fusion rule {rule!r}; expected one of {', '.join(FUSION_RULES)}")

@@ -111,3 +111,14 @@ def test_budget_must_be_positive():
 def test_train_settings_checked_at_load(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("eval.fusion=mean", r"eval\.fusion: expected one of"),
+    ("eval.dump=some", r"eval\.dump: expected one of"),
+    ("eval.scale_sets=[[1.0],[0.5,2.0]]", r"eval\.scale_sets\[1\]: .*must contain 1.0"),
+    ("eval.sweep_fusions=[attention,median]", r"eval\.sweep_fusions: .*median"),
+])
+def test_eval_settings_checked_at_load(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -154,6 +154,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_step": ("iter", "epoch"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "eval.fusion": ("attention", "average", "max"),
+    "eval.dump": ("none", "first", "all", "every", "worst"),
     "loss.main": ("ce", "bce", "rmi", "wce"),
     "loss.aux": ("ce", "bce", "rmi", "wce"),
     "loss.scale": ("ce", "bce", "rmi", "wce"),
@@ -246,6 +248,11 @@ def _check_scales(key: str, scales: tuple[float, ...]) -> None:
 def validate(cfg: Config) -> Config:
     """Checks across fields that a type cannot express; the error names the dotted key."""
     _check_scales("eval.scales", cfg.eval.scales)
+    for i, scales in enumerate(cfg.eval.scale_sets):
+        _check_scales(f"eval.scale_sets[{i}]", scales)
+    bad = [r for r in cfg.eval.sweep_fusions if r not in CHOICES["eval.fusion"]]
+    if bad:
+        raise ConfigError(f"eval.sweep_fusions: expected values among {list(CHOICES['eval.fusion'])}, got {bad}")
     if cfg.train.max_iter < 0 or cfg.train.max_epoch < 0:
         raise ConfigError("train.max_iter and train.max_epoch must be >= 0")
     if cfg.train.max_iter == 0 and cfg.train.max_epoch == 0:

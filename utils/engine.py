@@ -175,7 +175,6 @@ def evaluate(
     dump_dir: str | None = None,
     num_dump: int = 0,
     palette: Any = None,
-    rank: int = 0,
     should_stop: Callable[[], bool] | None = None,
     *,
     fusion: str | None = None,
@@ -192,11 +191,10 @@ def evaluate(
     more per scale mirrored if any combination flips); their confusion matrices come back in `sweep`.
     Batches without 'mask' (folders, test splits) give no metrics, only dumps and label ids.
     Pictures (`dump_dir`, selection `dump` with N = `num_dump`, see utils/dumps.py) come from every rank and
-    batch element; `rank` is unused (kept for callers written when only rank 0 dumped).
+    batch element.
     `should_stop()` is asked once before each batch (preemption); when it answers True the loop ends at once,
     nothing is all-reduced and the result has `stopped=True` with this rank's partial counts.
     """
-    del rank
     model.eval()
     setting = Combo.make(scales, resolve_fusion(model, fusion), flip)
     combos = [setting] + [c for c in sweep if c != setting]

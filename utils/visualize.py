@@ -1,4 +1,4 @@
-"""Palettes, colour predictions, overlays and attention heat maps written as PNG files."""
+"""Palettes, colour predictions, overlays, attention heat maps, error and confidence maps, written as PNG files."""
 from __future__ import annotations
 
 import os
@@ -45,37 +45,63 @@ def write_rgb(path: str, rgb: np.ndarray) -> None:
         raise OSError(f"could not write image {path}")
 
 
-def dump_sample(
-    out_dir: str,
-    name: str,
-    image: torch.Tensor,
-    outputs: dict[str, torch.Tensor],
-    palette: np.ndarray,
-    target: torch.Tensor | None = None,
-    ignore_index: int | None = None,
-) -> list[str]:
-    """Write input, colour prediction, overlay, ground truth, per-scale predictions and attention heat maps.
+def error_map(image_rgb: np.ndarray, pred: np.ndarray, target: np.ndarray, ignore_index: int) -> np.ndarray:
+    """The image darkened where the prediction is right, red where it is wrong, black where the label is ignored."""
+    out = (image_rgb.astype(np.float32) * 0.5).astype(np.uint8)
+    valid = target != ignore_index
+    out[valid & (pred != target)] = (255, 0, 0)
+    out[~valid] = 0
+    return out
 
-    `outputs` holds one image's maps ([C,h,w]): 'pred' at input size, 'pred_{s}x' and 'attn_{s}x' per scale.
-    Returns the written paths.
+
+def confidence_map(conf: np.ndarray) -> np.ndarray:
+    """Max softmax probability in [0,1] -> RGB heat map (blue: unsure, red: sure)."""
+    return heatmap(conf.astype(np.float32))
+
+
+def sample_images(
+    image_rgb: np.ndarray,
+    pred: np.ndarray,
+    palette: np.ndarray,
+    conf: np.ndarray | None = None,
+    target: np.ndarray | None = None,
+    ignore_index: int | None = None,
+    scale_maps: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every picture of one image, by kind: input, pred, overlay, [gt, error], [conf], pred_{s}x, attn_{s}x.
+
+    `scale_maps` holds per-scale train-id maps ('pred_{s}x') and attention weights ('attn_{s}x'), each at its
+    scale's resolution; attention is drawn as a heat map over the image.
     """
-    rgb = denormalize(image)
-    pred = outputs["pred"].argmax(0).cpu().numpy()
-    files = {
-        "input": rgb,
-        "pred": colorize(pred, palette),
-        "overlay": overlay(rgb, colorize(pred, palette)),
-    }
+    color = colorize(pred, palette)
+    files = {"input": image_rgb, "pred": color, "overlay": overlay(image_rgb, color)}
     if target is not None:
-        files["gt"] = colorize(target.cpu().numpy(), palette, ignore_index)
-    for key, value in outputs.items():
+        files["gt"] = colorize(target, palette, ignore_index)
+        files["error"] = error_map(image_rgb, pred, target, -1 if ignore_index is None else ignore_index)
+    if conf is not None:
+        files["conf"] = confidence_map(conf)
+    for key, value in sorted((scale_maps or {}).items()):
         if key.startswith("attn_"):
-            files[key] = heatmap(value[0].float().cpu().numpy(), rgb)
+            files[key] = heatmap(value.astype(np.float32), image_rgb)
         elif key.startswith("pred_"):
-            files[key] = colorize(value.argmax(0).cpu().numpy(), palette)
-    written = []
-    for suffix, arr in files.items():
-        path = os.path.join(out_dir, f"{name}_{suffix}.png")
-        write_rgb(path, arr)
-        written.append(path)
+            files[key] = colorize(value, palette)
+    return files
+
+
+def write_images(out_dir: str, name: str, files: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write each picture as `{name}_{kind}.png`; returns kind -> path."""
+    written = {}
+    for kind, rgb in files.items():
+        path = os.path.join(out_dir, f"{name}_{kind}.png")
+        write_rgb(path, rgb)
+        written[kind] = path
     return written
+
+
+def side_by_side(images: list[np.ndarray], height: int) -> np.ndarray:
+    """RGB images resized to one height and concatenated left to right."""
+    resized = [
+        im if im.shape[0] == height else cv2.resize(im, (max(1, round(im.shape[1] * height / im.shape[0])), height))
+        for im in images
+    ]
+    return np.concatenate(resized, axis=1)

@@ -1,0 +1,142 @@
+"""Video inference: frames are read, segmented and written one at a time (never held in memory), with the
+colour overlay and, optionally, each scale's attention heat map side by side."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from .inference import Combo, MultiScalePass, check_window, resolve_fusion
+from .precision import autocast
+from .visualize import colorize, denormalize, heatmap, overlay, side_by_side
+
+
+class VideoError(ValueError):
+    """A video cannot be opened, decoded or written; the message names the file."""
+
+
+class VideoReader:
+    """RGB frames of a video file; opening checks that the file exists and that its first frame decodes."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"video not found: {path}")
+        self.path = path
+        self.cap = cv2.VideoCapture(path)
+        if not self.cap.isOpened():
+            raise VideoError(f"cannot open video (unknown container or codec, or not a video): {path}")
+        ok, frame = self.cap.read()
+        if not ok or frame is None:
+            self.cap.release()
+            raise VideoError(f"cannot decode a frame of video {path}")
+        self._first = frame
+        fps = self.cap.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if fps and math.isfinite(fps) and fps > 0 else 25.0
+        self.frame_count = max(0, int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)))  # 0 when the container lacks it
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        frame = self._first
+        while frame is not None:
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            ok, frame = self.cap.read()
+            frame = frame if ok else None
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class ProgressLine:
+    """A one-line progress bar rewritten in place (frames, speed, ETA), at most every `interval` seconds."""
+
+    def __init__(self, total: int, stream: Any = None, interval: float = 0.5, width: int = 30) -> None:
+        self.total, self.interval, self.width = total, interval, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.t0 = self.last = time.time()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.time()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        if self.total > 0:
+            filled = int(self.width * min(done, self.total) / self.total)
+            eta = max(self.total - done, 0) / rate if rate > 0 else 0.0
+            line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} frames  {rate:.2f} fps  "
+                    f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        else:
+            line = f"{done} frames  {rate:.2f} fps"
+        self.stream.write("\r" + line + ("\n" if final else ""))
+        self.stream.flush()
+
+
+def annotate_frame(
+    image: torch.Tensor, out: dict[str, torch.Tensor], palette: np.ndarray, attention: bool
+) -> np.ndarray:
+    """One output frame (RGB): the overlay of the prediction, then each scale's attention over the image."""
+    rgb = denormalize(image)
+    pred = out["pred"].argmax(0).cpu().numpy()
+    panels = [overlay(rgb, colorize(pred, palette))]
+    if attention:
+        keys = sorted((k for k in out if k.startswith("attn_")), key=lambda k: float(k[5:-1]))
+        panels += [heatmap(out[k][0].float().cpu().numpy(), rgb) for k in keys]
+    return side_by_side(panels, rgb.shape[0])
+
+
+@torch.inference_mode()
+def annotate_video(
+    model: nn.Module,
+    reader: VideoReader,
+    out_path: str,
+    transform: Callable[..., tuple[torch.Tensor, Any]],
+    palette: np.ndarray,
+    device: torch.device,
+    scales: Sequence[float],
+    flip: bool = False,
+    fusion: str | None = None,
+    window: Sequence[int] = (),
+    overlap: float = 0.25,
+    precision: str = "fp32",
+    attention: bool = False,
+    progress: ProgressLine | None = None,
+) -> int:
+    """Segment every frame of `reader` and write the annotated video to `out_path` (mp4v); returns the number
+    of frames written. `transform(rgb, None)` gives the normalised image tensor (the evaluation transform)."""
+    model.eval()
+    combo = Combo.make(scales, resolve_fusion(model, fusion), flip)
+    win = check_window(window, overlap)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    writer = None
+    count = 0
+    try:
+        for rgb in reader:
+            image, _ = transform(rgb, None)
+            batch = image.unsqueeze(0).to(device)
+            with autocast(precision, device):
+                run = MultiScalePass(model, batch, combo.scales, combo.flip, win, overlap)
+            out = {"pred": run.logits(combo)[0], **{k: v[0] for k, v in run.maps().items()}}
+            frame = annotate_frame(image, out, palette, attention and "attn_1.0x" in out)
+            if writer is None:
+                size = (frame.shape[1], frame.shape[0])
+                writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), reader.fps, size)
+                if not writer.isOpened():
+                    raise VideoError(f"cannot write video {out_path} (mp4v codec unavailable?)")
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            count += 1
+            if progress is not None:
+                progress.update(count)
+    finally:
+        if writer is not None:
+            writer.release()
+        reader.close()
+    if progress is not None:
+        progress.update(count, final=True)
+    return count
