@@ -89,14 +89,25 @@ class MscaleDeepV3Plus(DeepLabV3PlusBody, MscaleBase):
         head_ch: int = 256,
         attn_ch: int = 256,
         lo_scale: float = 0.5,
+        train_hi_attn: bool = False,
     ) -> None:
         super().__init__(num_classes, trunk, aspp_ch, fine_ch, head_ch)
         if not 0 < lo_scale < 1:
             raise ValueError(f"lo_scale must lie in (0, 1), got {lo_scale}")
         self.lo_scale = float(lo_scale)
+        self.train_hi_attn = bool(train_hi_attn)
         self.scale_attn = attn_head(self.decoder_channels, attn_ch)
 
     def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._single(x, with_attn=True)
+
+    def single_forward_without_attn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._single(x, with_attn=False)
+
+    def _single(self, x: torch.Tensor, with_attn: bool) -> dict[str, torch.Tensor]:
         logits, cat_s4 = self.decode(x)
         size = x.shape[-2:]
-        return {"pred": resize(logits, size), "attn": resize(self.scale_attn(cat_s4), size)}
+        out = {"pred": resize(logits, size)}
+        if with_attn:
+            out["attn"] = resize(self.scale_attn(cat_s4), size)
+        return out
