@@ -74,7 +74,7 @@ def train_one_epoch(
     max_iter: int,
     device: torch.device,
     precision: str,
-    on_step: Callable[[dict[str, float]], bool],
+    on_step: Callable[[dict[str, torch.Tensor]], bool],
     step_lr_per_iter: bool = True,
     *,
     accum_steps: int = 1,
@@ -87,6 +87,8 @@ def train_one_epoch(
     over at the end of the pass (fewer than `accum_steps`) are not used. `samples_per_step` (all ranks together)
     advances `state.epoch_samples`, the position a mid-epoch resume skips to.
     After each step `on_step(scalars)` logs, checkpoints, validates; it returns False to stop early (preemption).
+    The scalars (loss terms, learning rate) stay on the device, so that a step needs no host synchronisation
+    unless `on_step` reads them (at logging steps).
     Returns False when training stopped before the end of the epoch.
     """
     model.train()
@@ -116,9 +118,9 @@ def train_one_epoch(
             scheduler.step()
         state.iteration += 1
         state.epoch_samples += samples_per_step
-        scalars = {k: float(v) / accum_steps for k, v in sums.items()}
+        scalars = {k: v / accum_steps for k, v in sums.items()}
         micro, sums = 0, {}
-        if not on_step(scalars | {"lr": optimizer.param_groups[0]["lr"]}):
+        if not on_step(scalars | {"lr": torch.tensor(optimizer.param_groups[0]["lr"])}):
             return False
     return True
 
