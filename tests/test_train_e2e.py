@@ -88,3 +88,20 @@ def test_resume_refuses_a_different_config(tmp_path):
     train_script.main(overrides(tmp_path, max_iter=2))
     with pytest.raises(SystemExit, match="train.lr"):
         train_script.main(overrides(tmp_path, max_iter=2) + ["train.lr=0.5"])
+
+
+def test_non_finite_loss_stops_training_with_the_iteration(tmp_path, monkeypatch):
+    real = train_script.build_criterion
+
+    def poisoned(*args, **kwargs):
+        criterion = real(*args, **kwargs)
+
+        def call(outputs, target):
+            total, terms = criterion(outputs, target)
+            return total * float("nan"), terms
+
+        return call
+
+    monkeypatch.setattr(train_script, "build_criterion", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 1"):
+        train_script.main(overrides(tmp_path, max_iter=2))
