@@ -108,11 +108,6 @@ class MscaleBase(nn.Module):
         return out
 
 
-def upsample_outputs(outputs: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Every map of a model output dict resized to `size` (for losses and dumps)."""
-    return {k: resize(v, size) for k, v in outputs.items()}
-
-
 def fuse_scales(
     preds: Mapping[float, torch.Tensor],
     scales: Sequence[float],
