@@ -17,7 +17,10 @@ average | max), eval.window / eval.overlap (sliding window per scale). eval.scal
 every set x eval.sweep_fusions x eval.sweep_flips in one pass over the data and writes sweep.json / sweep.csv.
 Pictures: eval.dump (none | first | all | every | worst) with N = eval.num_dump.
 The checkpoint is, in order: --checkpoint, model.snapshot, the newest checkpoint of the run folder. Results go to
---out (default: the run folder's eval.dump_dir).
+--out, by default to a new folder per evaluation inside the run's eval.dump_dir, named after what was evaluated
+(e.g. RUN/eval/val_s0.5-1-2_flip; _2, _3, ... is appended when that one holds finished results), so that an
+evaluation never writes over the training's results or another evaluation's. An interrupted --submit/--autolabel
+run resumes in the same folder.
 """
 from __future__ import annotations
 
@@ -36,14 +39,15 @@ from datasets import build_dataset, build_loader
 from datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
 from datasets.cityscapes import label_map as cityscapes_label_map
 from datasets.folder import class_info
-from network.mscale import FUSION_RULES, check_scales
+from datasets.base import DataError
 from transforms import build_transforms
-from utils.checkpoint import checkpoint_paths, load_checkpoint
+from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
+from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, to_dict
-from utils.dist import DistConfigError, DistributedError, barrier, cleanup, init_distributed
-from utils.dumps import LabelIdWriter, check_dump_mode, train_to_label_lut
+from utils.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup, init_distributed
+from utils.dumps import LabelIdWriter, train_to_label_lut
 from utils.engine import RunLogger, evaluate
-from utils.inference import check_window, has_attention, sweep_combos
+from utils.inference import has_attention, sweep_combos
 from utils.metrics import compute_metrics, format_sweep, format_table, sweep_results, write_per_class_csv, write_sweep
 from utils.results_page import write_results_page
 from utils.video import ProgressLine, VideoReader, annotate_video
@@ -65,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video-out", default=None, help="annotated video path (default OUT/<name>_seg.mp4)")
     p.add_argument("--submit", action="store_true", help="write label-id PNGs for the test server (OUT/submit)")
     p.add_argument("--autolabel", action="store_true", help="write label-id + _prob PNGs (OUT/autolabel)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: HMSA_DEBUG=1)")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.video and (args.submit or args.autolabel):
@@ -74,22 +79,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_eval_config(cfg: Config) -> None:
-    """Every eval.* value that could fail later, checked before any data or model is touched."""
+EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, ValueError)
+
+
+def run_label(args: argparse.Namespace, cfg: Config) -> str:
+    """A folder name that says what an evaluation read and how: mode or split, scales, fusion, flip, sweep."""
+    if args.video:
+        what = "video-" + os.path.splitext(os.path.basename(args.video))[0]
+    elif args.folder:
+        what = "folder-" + os.path.basename(os.path.normpath(args.folder))
+    else:
+        what = args.split or cfg.data.val_split
     e = cfg.eval
-    for key, scales in [("eval.scales", e.scales)] + [(f"eval.scale_sets[{i}]", s) for i, s in enumerate(e.scale_sets)]:
-        try:
-            check_scales(scales)
-        except ValueError as err:
-            raise ValueError(f"{key}: {err}") from err
-    for key, rules in (("eval.fusion", [e.fusion]), ("eval.sweep_fusions", e.sweep_fusions)):
-        bad = [r for r in rules if r not in FUSION_RULES]
-        if bad or not rules:
-            raise ValueError(f"{key}: expected values among {', '.join(FUSION_RULES)}, got {list(rules)}")
-    if e.scale_sets and not e.sweep_flips:
-        raise ValueError("eval.sweep_flips must not be empty (use [false], [true] or [false, true])")
-    check_window(e.window, e.overlap)
-    check_dump_mode(e.dump, e.num_dump)
+    parts = [what, "s" + "-".join(f"{s:g}" for s in e.scales)]
+    if e.fusion != "attention":
+        parts.append(e.fusion)
+    if e.flip:
+        parts.append("flip")
+    if e.scale_sets:
+        parts.append("sweep")
+    parts += [m for m, on in (("submit", args.submit), ("autolabel", args.autolabel)) if on]
+    return "_".join(parts)
+
+
+def output_dir(args: argparse.Namespace, cfg: Config, run_dir: str, labelled: bool) -> str:
+    """--out, or a new folder of the run's eval.dump_dir per evaluation (never one that holds finished results)."""
+    if args.out:
+        previous = os.path.join(args.out, "results.json")
+        if os.path.isfile(previous):
+            try:
+                with open(previous) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
+            if old.get("written_by") == "train.py" or ("miou" in old and not labelled):
+                raise CliError(f"--out {args.out} holds the results of "
+                               f"{'a training run' if old.get('written_by') == 'train.py' else 'a labelled split'} "
+                               "(results.json): choose another --out, or leave it out for a new folder in the run")
+        return args.out
+    base = os.path.join(run_dir, cfg.eval.dump_dir, run_label(args, cfg))
+    path, n = base, 1
+    while os.path.exists(os.path.join(path, "results.json")):
+        n += 1
+        path = f"{base}_{n}"
+    return path
 
 
 def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
@@ -99,7 +132,7 @@ def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
         return snapshot
     found = checkpoint_paths(run_dir)
     if not found:
-        raise SystemExit(f"no checkpoint given and none in {run_dir}; pass --checkpoint or model.snapshot=...")
+        raise CliError(f"no checkpoint given and none in {run_dir}: pass --checkpoint or model.snapshot=...")
     return found[0]
 
 
@@ -170,19 +203,25 @@ def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_eval_config(cfg)
-    except (ConfigError, ValueError) as e:
-        raise SystemExit(f"config error: {e}") from e
-    try:
-        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
-    except (DistConfigError, DistributedError) as e:
-        raise SystemExit(f"distributed set-up failed: {e}") from e
+    with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise CliError(f"config error: {e}") from e
+        try:
+            dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+        except (DistConfigError, DistributedError) as e:
+            raise CliError(f"distributed set-up failed: {e}") from e
+        try:
+            return run(args, cfg, dist)
+        finally:
+            cleanup()
+
+
+def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     if args.video and dist.distributed:
-        raise SystemExit("--video runs in one process; start it without torchrun")
+        raise CliError("--video runs in one process; start it without torchrun")
     run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-    out_dir = args.out or os.path.join(run_dir, cfg.eval.dump_dir)
     weights = find_weights(args, run_dir, cfg.model.snapshot)
 
     # Everything that can be wrong with the input is found here, before the first image is processed.
@@ -191,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = read_dataset(cfg, args)
     labelled = bool(getattr(dataset, "has_labels", False))
     if cfg.eval.dump == "worst" and not labelled:
-        raise SystemExit("config error: eval.dump=worst ranks images by IoU and needs a labelled split")
+        raise CliError("config error: eval.dump=worst ranks images by IoU and needs a labelled split")
+    out_dir = broadcast_object(output_dir(args, cfg, run_dir, labelled) if dist.is_main else None)
+    if dist.is_main:
+        ensure_writable_dir(out_dir, "--out")
     writer = label_writer(args, dataset, out_dir)
     model = network.build_model(cfg.model.name, dataset.num_classes, **cfg.model.options)
     report = load_checkpoint(model, weights, strict=True)
@@ -255,11 +297,11 @@ def main(argv: list[str] | None = None) -> dict:
             log_images(log.writer, result.images)
             log.info(f"{len(result.images)} images dumped; results page {page}")
         with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({**summary, "config": to_dict(cfg)}, f, indent=1)
+            json.dump({**summary, "written_by": "eval.py", "config": to_dict(cfg)}, f, indent=1)
     log.close()
-    cleanup()
+    summary["out"] = out_dir
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

@@ -20,16 +20,23 @@ import torch
 
 import network
 from datasets import build_dataset, build_loader
+from datasets.base import DataError
 from loss import build_criterion
 from utils.checkpoint import (
+    CheckpointError,
+    checkpoint_paths as checkpoint_files,
     latest_checkpoint,
     load_checkpoint,
+    load_state_dict_checked,
     load_trunk_weights,
     read_checkpoint,
+    remove_orphaned_temps,
     rng_state,
+    save_best,
     save_run_checkpoint,
     set_rng_state,
 )
+from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict, to_yaml
 from utils.dist import (
     DistConfigError,
@@ -56,8 +63,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto", help="'auto' (continue the run folder if it has a checkpoint), "
                    "'none' (refuse to reuse a folder with checkpoints) or a checkpoint path")
     p.add_argument("--force-resume", action="store_true", help="resume even if the config differs from the run's")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: HMSA_DEBUG=1)")
     p.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
+
+
+# Expected failures: each becomes one line `error: ...` and exit code 2 (utils/cli.py).
+EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, FloatingPointError,
+                   ValueError)
+# Keys that do not change the weights a run produces: changing them does not stop a resume.
+RESUME_NEUTRAL = ("eval.", "train.run_name:", "train.output_dir:")
 
 
 def seed_everything(seed: int) -> None:
@@ -78,28 +93,42 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: DistInfo) -> tuple[str, dict] | None:
+def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: DistInfo,
+                  log_warn: list[str]) -> tuple[str, dict] | None:
     """The checkpoint to resume from, after checking that its config matches this command's.
 
-    Rank 0 chooses the file (the newest readable one) and every rank reads that same file.
+    Rank 0 chooses the file (the newest readable one) and every rank reads that same file. Newer files that did not
+    read back are reported in `log_warn` (logged once the run's logger exists).
     """
     if args.resume == "auto":
-        found = latest_checkpoint(run_dir) if dist.is_main else None
-        path = broadcast_object(found[0] if found else None)
+        found, error = None, None
+        if dist.is_main:
+            try:
+                found = latest_checkpoint(run_dir)
+            except CheckpointError as e:
+                error = str(e)
+        path, error = broadcast_object(((found.path if found else None), error) if dist.is_main else None)
+        if error is not None:
+            raise CheckpointError(error)  # on every rank, so that all of them stop
         if path is None:
             return None
-        ckpt = found[1] if found else read_checkpoint(path)
+        if found:
+            log_warn.extend(f"skipped unreadable checkpoint {p}: {why}" for p, why in found.skipped)
+        ckpt = found.ckpt if found else read_checkpoint(path)
     elif args.resume == "none":
-        if broadcast_object(latest_checkpoint(run_dir) is not None if dist.is_main else None):
-            raise SystemExit(f"{run_dir} already holds checkpoints; use --resume auto or another train.run_name")
+        if broadcast_object(bool(checkpoint_files(run_dir)) if dist.is_main else None):
+            raise CliError(f"{run_dir} already holds checkpoints (--resume none); use --resume auto to continue "
+                           "it, or another train.run_name to start a new run")
         return None
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
     differ = diff_configs(from_dict(ckpt["config"]), cfg) if "config" in ckpt else []
+    differ = [d for d in differ if not d.startswith(RESUME_NEUTRAL)]
     if differ and not args.force_resume:
-        raise SystemExit(
-            f"refusing to resume {path}: the config differs from the run's:\n  " + "\n  ".join(differ)
-            + "\n(use --force-resume to continue anyway, or another train.run_name)"
+        raise CliError(
+            f"refusing to resume {path}: training settings differ from the run's: " + "; ".join(differ)
+            + " (evaluation settings eval.*, train.run_name and train.output_dir do not count; use --force-resume "
+            "to continue anyway, or another train.run_name for a new run)"
         )
     return path, ckpt
 
@@ -117,34 +146,34 @@ def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from e
-    try:
-        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
-    except (DistConfigError, DistributedError) as e:
-        raise SystemExit(f"distributed set-up failed: {e}") from e
-    run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
-    try:
-        with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):
-            return train(args, cfg, dist, run_dir, preempt)
-    except DistributedError as e:
-        raise SystemExit(f"error: {e}") from e
-    finally:
-        cleanup()
+    with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except ConfigError as e:
+            raise CliError(f"config error: {e}") from e
+        try:
+            dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+        except (DistConfigError, DistributedError) as e:
+            raise CliError(f"distributed set-up failed: {e}") from e
+        run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+        try:
+            with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):
+                return train(args, cfg, dist, run_dir, preempt)
+        finally:
+            cleanup()
 
 
 def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption) -> dict:
     seed_everything(cfg.train.seed + dist.rank)
-    resume = resume_source(args, cfg, run_dir, dist)
-    log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
-                    resume_iteration=resume[1]["state"]["iteration"] if resume else None)
+    # Output folders first: a typo in a path fails now, not when the first checkpoint or the final dump is written.
+    dump_dir = os.path.join(run_dir, cfg.eval.dump_dir)
     if dist.is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-    log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
-             + (f"; this is rank {dist.rank}" if dist.distributed else ""))
+        ensure_writable_dir(run_dir, "train.output_dir / train.run_name")
+        ensure_writable_dir(dump_dir, "eval.dump_dir")
+        orphans = remove_orphaned_temps(run_dir)
+    warnings: list[str] = [f"removed {p}, left by an interrupted checkpoint write" for p in orphans] \
+        if dist.is_main else []
+    resume = resume_source(args, cfg, run_dir, dist, warnings)
 
     # Data. Each process loads data.batch_size images per batch; a step takes train.accum_steps batches.
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
@@ -156,17 +185,27 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     global_batch = cfg.data.batch_size * accum * dist.world_size
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
-        raise SystemExit(f"the training split has {len(train_set)} images, fewer than one step of {global_batch} "
-                         f"(data.batch_size x train.accum_steps x {dist.world_size} processes)")
+        raise CliError(f"the training split has {len(train_set)} images, fewer than one step of {global_batch} "
+                       f"(data.batch_size x train.accum_steps x {dist.world_size} processes): lower data.batch_size")
 
     # Model: `net` is the module itself (checkpoints, evaluation), `model` what a training step calls.
     net = network.build_model(cfg.model.name, num_classes, **cfg.model.options)
+    reports = []
     if cfg.model.pretrained:
-        log.info(load_trunk_weights(net.backbone, cfg.model.pretrained).summary())
+        reports.append(load_trunk_weights(net.backbone, cfg.model.pretrained).summary())
     if cfg.model.snapshot and resume is None:
-        log.info(load_checkpoint(net, cfg.model.snapshot, strict=False).summary())
+        reports.append(load_checkpoint(net, cfg.model.snapshot, strict=False).summary())
     if resume is not None:
-        net.load_state_dict(resume[1]["model"])
+        load_state_dict_checked(net, resume[1]["model"], resume[0], strict=True)
+    # The run's files are touched only now: a refused resume, bad data or weights that do not fit change nothing.
+    log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
+                    resume_iteration=resume[1]["state"]["iteration"] if resume else None)
+    for message in warnings:
+        log.warn(message)
+    log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
+             + (f"; this is rank {dist.rank}" if dist.distributed else ""))
+    for report in reports:
+        log.info(report)
     # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
     torch.backends.cudnn.benchmark = dist.device.type == "cuda"
     net.to(dist.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
@@ -198,34 +237,45 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         restore_rng(ckpt, cfg, dist, log)
         log.info(f"resumed from {path} at iteration {state.iteration}")
     saved_at = state.iteration if resume is not None else -1
+    # Written only now: a refused resume or a failed weight load leaves the run's config as it was.
+    if dist.is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+
+    def payload() -> dict | None:
+        """Everything a resume restores (on rank 0; None elsewhere). Collective: every rank calls it."""
+        rngs = all_gather_objects(rng_state())  # every rank's streams, restored rank by rank
+        if not dist.is_main:
+            return None
+        return {
+            "format": "hmsa",
+            "arch": cfg.model.name,
+            "num_classes": num_classes,
+            "config": to_dict(cfg),
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "state": vars(state).copy(),
+            "rng": rngs,
+            "world_size": dist.world_size,
+        }
 
     def checkpoint() -> None:
         nonlocal saved_at
-        rngs = all_gather_objects(rng_state())  # every rank's streams, restored rank by rank
+        content = payload()
         if dist.is_main:
-            payload = {
-                "format": "hmsa",
-                "arch": cfg.model.name,
-                "num_classes": num_classes,
-                "config": to_dict(cfg),
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "state": vars(state).copy(),
-                "rng": rngs,
-                "world_size": dist.world_size,
-            }
-            log.info(f"checkpoint {save_run_checkpoint(run_dir, state.iteration, payload)}")
+            log.info(f"checkpoint {save_run_checkpoint(run_dir, state.iteration, content)}")
         barrier()  # nobody moves on (or exits) before the file is complete
         saved_at = state.iteration
 
     def validate(final: bool) -> dict | None:
-        """Metrics of the validation split; None when a preemption signal cut it short (on every rank)."""
-        dump_dir = os.path.join(run_dir, cfg.eval.dump_dir) if final else None
+        """Metrics of the validation split; None when a preemption signal cut it short (on every rank).
+
+        A new best mIoU is saved as best.pth (with its mIoU and iteration)."""
         result = evaluate(
             net, val_loader, num_classes, ignore, cfg.eval.scales, dist.device, cfg.train.precision,
-            flip=cfg.eval.flip, dump_dir=dump_dir, num_dump=cfg.eval.num_dump if final else 0,
+            flip=cfg.eval.flip, dump_dir=dump_dir if final else None, num_dump=cfg.eval.num_dump if final else 0,
             palette=val_set.palette, should_stop=preempt.batch_check(len(val_loader)),
             fusion=cfg.eval.fusion, window=cfg.eval.window, overlap=cfg.eval.overlap, dump=cfg.eval.dump,
         )
@@ -236,10 +286,17 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         metrics = compute_metrics(result.hist, val_set.class_names)
         metrics["loss"] = result.loss
         log.scalars("val", state.iteration, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
-        log.info(f"validation at iteration {state.iteration}, scales {list(cfg.eval.scales)}"
+        log.info(f"validation at iteration {state.iteration} (epoch {state.epoch}), scales {list(cfg.eval.scales)}"
                  f"{' + flip' if cfg.eval.flip else ''}:\n" + format_table(metrics))
         if metrics["miou"] > state.best_miou:
             state.best_miou, state.best_iteration = metrics["miou"], state.iteration
+            content = payload()
+            if dist.is_main:
+                content["best"] = {"miou": metrics["miou"], "iteration": state.iteration, "epoch": state.epoch}
+                log.info(f"best mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}: "
+                         f"{save_best(run_dir, content)}")
+            barrier()
+        log.info(f"best so far: mIoU {100 * state.best_miou:.2f} at iteration {state.best_iteration}")
         return metrics
 
     def stop_for_preemption() -> None:
@@ -259,7 +316,8 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             # Read back only when logging: no host synchronisation on the other steps.
             scalars = {k: float(v) for k, v in device_scalars.items()}
             if not all(math.isfinite(v) for v in scalars.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {it}: {scalars}")
+                raise FloatingPointError(f"non-finite loss at iteration {it}: {scalars} (lower train.lr, or use "
+                                         f"train.precision=fp32; the last checkpoint is kept)")
             progress.update(it, {**scalars, "epoch": state.epoch})
             log.scalars("train", it, scalars)
         if cfg.train.val_interval > 0 and it % cfg.train.val_interval == 0 and it < max_iter:
@@ -284,20 +342,31 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             state.epoch, state.epoch_samples = state.epoch + 1, 0
             if not per_iter:
                 scheduler.step()
+            # The original validates after every epoch; the last one is the final validation below.
+            val_epochs = cfg.train.val_epochs
+            if val_epochs > 0 and state.epoch % val_epochs == 0 and state.iteration < max_iter:
+                if validate(final=False) is None:
+                    stop_for_preemption()
     log.info(f"training finished: {max_iter} iterations in {time.time() - start:.0f} s")
+    # The weights are safe before the final validation: a bad val image or dump folder costs the evaluation only,
+    # and the same command (after fixing an eval.* value) resumes straight into it.
+    if saved_at != state.iteration:
+        checkpoint()
     metrics = validate(final=True)
     if metrics is None:
         stop_for_preemption()
-    checkpoint()
     if dist.is_main:
-        os.makedirs(os.path.join(run_dir, cfg.eval.dump_dir), exist_ok=True)
-        results = {"iteration": state.iteration, "scales": list(cfg.eval.scales), "flip": cfg.eval.flip, **metrics}
-        with open(os.path.join(run_dir, cfg.eval.dump_dir, "results.json"), "w") as f:
+        results = {"written_by": "train.py", "iteration": state.iteration, "scales": list(cfg.eval.scales),
+                   "flip": cfg.eval.flip,
+                   "best_miou": state.best_miou, "best_iteration": state.best_iteration, **metrics}
+        with open(os.path.join(dump_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        log.info(f"mIoU {100 * metrics['miou']:.2f} -> {os.path.join(run_dir, cfg.eval.dump_dir)}")
+        log.info(f"last: mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}; best: mIoU "
+                 f"{100 * state.best_miou:.2f} at iteration {state.best_iteration} "
+                 f"({os.path.join(run_dir, 'best.pth')}); results in {dump_dir}")
     log.close()
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

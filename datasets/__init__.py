@@ -1,13 +1,15 @@
 """Dataset registry, build_dataset(cfg, split, train) and build_loader(dataset, cfg, train, rank, world_size, seed).
 
 Items are dicts {'image': float32 [3,H,W], 'mask': int64 [H,W], 'name': str} ('mask' absent when unlabelled);
-datasets expose num_classes, ignore_index, class_names and palette.
+datasets expose num_classes, ignore_index, class_names and palette. Every expected data failure (missing folder,
+unreadable file, mismatched sizes, empty split) raises DataError (DataNotFoundError is one) with a one-line message
+naming the file or folder and what to do.
 """
 from __future__ import annotations
 
 import os
 import random
-from typing import Callable
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -24,7 +26,8 @@ from .folder import FolderDataset, class_info
 from .mapillary import MapillaryDataset
 from .mapillary import read_config as read_mapillary_config
 from .sampler import ShardSampler, TrainSampler
-from .synthetic import generate_synthetic_cityscapes, read_marker
+from .synthetic import generate_synthetic_cityscapes
+from .verify import verify_dataset
 
 __all__ = [
     "DATASETS",
@@ -39,6 +42,7 @@ __all__ = [
     "register_dataset",
     "list_datasets",
     "generate_synthetic_cityscapes",
+    "verify_dataset",
 ]
 
 Factory = Callable[..., Dataset]
@@ -63,23 +67,39 @@ def list_datasets() -> list[str]:
 
 @register_dataset("cityscapes")
 def _cityscapes(cfg, split: str, train: bool) -> Dataset:
-    if cfg.generate and (not os.path.exists(cfg.root) or read_marker(cfg.root) is not None):
-        s = cfg.synthetic
-        generate_synthetic_cityscapes(cfg.root, s.num_train, s.num_val, s.height, s.width, s.seed)
+    if not os.path.exists(cfg.root):
+        raise DataNotFoundError(
+            f"Cityscapes folder not found: data.root={cfg.root}: download leftImg8bit_trainvaltest.zip and "
+            f"gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/, unpack them there and "
+            f"check with python scripts/prepare_cityscapes.py {cfg.root}; for the generated demo data use "
+            "data.dataset=synthetic"
+        )
+    return _cityscapes_layout(cfg, split, train)
+
+
+@register_dataset("synthetic")
+def _synthetic(cfg, split: str, train: bool) -> Dataset:
+    # Generated on first use (and when data.synthetic.* changes) at data.root, then read as Cityscapes.
+    s = cfg.synthetic
+    generate_synthetic_cityscapes(cfg.root, s.num_train, s.num_val, s.height, s.width, s.seed)
+    return _cityscapes_layout(cfg, split, train)
+
+
+def _cityscapes_layout(cfg, split: str, train: bool) -> Dataset:
     transform = build_transforms(cfg, train, ignore_index=255)
     coarse = None
     if train and cfg.coarse_boost_classes:
         coarse = CoarseOptions(cfg.coarse_boost_classes, cfg.custom_coarse_prob, cfg.custom_coarse_dropout_classes,
-                               cfg.mask_out_cityscapes, cfg.autolabel_dir, cfg.max_cu_epoch)
+                               cfg.mask_out_cityscapes, cfg.autolabel_dir, cfg.max_cu_epoch, cfg.autolabel_order)
     ds = CityscapesDataset(cfg.root, split, transform, cv=cfg.cv, skip_bad=cfg.skip_bad, coarse=coarse)
-    return _with_class_uniform(ds, cfg, train)
+    return _prepared(ds, cfg, train)
 
 
 @register_dataset("mapillary")
 def _mapillary(cfg, split: str, train: bool) -> Dataset:
     ignore = read_mapillary_config(os.path.join(cfg.root, "config.json"))[0].ignore_index
     ds = MapillaryDataset(cfg.root, split, build_transforms(cfg, train, ignore), skip_bad=cfg.skip_bad)
-    return _with_class_uniform(ds, cfg, train)
+    return _prepared(ds, cfg, train)
 
 
 @register_dataset("custom")
@@ -87,16 +107,21 @@ def _custom(cfg, split: str, train: bool) -> Dataset:
     ignore = read_class_list(cfg.classes)[0].ignore_index
     ds = CustomDataset(cfg.root, split, cfg.classes, build_transforms(cfg, train, ignore), cfg.image_dir,
                        cfg.mask_dir, cfg.mask_suffix, cfg.skip_bad)
-    return _with_class_uniform(ds, cfg, train)
+    return _prepared(ds, cfg, train)
 
 
 @register_dataset("folder")
 def _folder(cfg, split: str, train: bool) -> Dataset:
     # Unlabelled: evaluation transforms only, whatever `train` says; the split names nothing here.
-    return FolderDataset(cfg.root, build_transforms(cfg, False, class_info(cfg.classes).ignore_index), cfg.classes)
+    ds = FolderDataset(cfg.root, build_transforms(cfg, False, class_info(cfg.classes).ignore_index), cfg.classes,
+                       cfg.skip_bad)
+    return _prepared(ds, cfg, False)
 
 
-def _with_class_uniform(ds: SegmentationDataset, cfg, train: bool) -> SegmentationDataset:
+def _prepared(ds: SegmentationDataset, cfg, train: bool) -> SegmentationDataset:
+    """With data.verify, every file decoded first (before the class-uniform centroids, which read every mask)."""
+    if cfg.verify:
+        verify_dataset(ds, cfg.num_workers, cfg.skip_bad)
     if train and cfg.class_uniform_pct > 0:
         ds.enable_class_uniform(cfg.class_uniform_pct, cfg.class_uniform_tile, cfg.centroid_dir)
     return ds
@@ -129,6 +154,44 @@ def _collate(batch: list[dict]) -> dict:
         raise
 
 
+def _unwrapped(e: DataError) -> DataError:
+    """The DataError a loader worker raised, with its own message: torch re-raises it in the main process with
+    "Caught DataError in DataLoader worker process N." and the worker's whole traceback as the message."""
+    text = str(e)
+    name = f"\n{type(e).__module__}.{type(e).__qualname__}: "  # the traceback's last line: the exception itself
+    at = text.rfind(name)
+    if not text.startswith("Caught ") or at < 0:
+        return e
+    return type(e)(text[at + len(name):].strip())
+
+
+class _Batches:
+    """A loader's iterator whose worker DataErrors come out with their one-line message (the traceback stays
+    available as the cause, e.g. under --debug)."""
+
+    def __init__(self, it: Iterator) -> None:
+        self.it = it
+
+    def __iter__(self) -> "_Batches":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except DataError as e:
+            raise _unwrapped(e) from e
+
+    def __len__(self) -> int:
+        return len(self.it)
+
+
+class Loader(DataLoader):
+    """DataLoader whose iterators raise a worker's DataError as the main process would have (see _Batches)."""
+
+    def __iter__(self) -> _Batches:
+        return _Batches(super().__iter__())
+
+
 def build_loader(
     dataset: Dataset, cfg, train: bool, rank: int = 0, world_size: int = 1, seed: int = 0
 ) -> DataLoader:
@@ -152,6 +215,6 @@ def build_loader(
         if len(sampler) < cfg.batch_size:
             raise ValueError(f"{dataset!r} gives {len(sampler)} images per process, fewer than data.batch_size="
                              f"{cfg.batch_size}: no full batch can be formed")
-        return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+        return Loader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     sampler = ShardSampler(len(dataset), rank, world_size)
-    return DataLoader(dataset, batch_size=cfg.val_batch_size, sampler=sampler, drop_last=False, **common)
+    return Loader(dataset, batch_size=cfg.val_batch_size, sampler=sampler, drop_last=False, **common)

@@ -28,8 +28,9 @@ class DataError(ValueError):
     """Bad dataset content: unreadable file, wrong mask size, unknown label values, image without mask..."""
 
 
-class DataNotFoundError(FileNotFoundError):
-    """A dataset folder or split is missing or empty; the message names it and the layout expected."""
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset folder or split is missing or empty; the message names it and the layout expected.
+    A DataError too, so that one `except DataError` catches every expected data failure."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -255,6 +256,11 @@ class SegmentationDataset(Dataset):
         assert path is not None
         raw = read_mask(path, palette=self.palette_masks)
         return self.label_map(raw, path) if self.label_map is not None else raw
+
+    def centroid_mask(self, index: int) -> np.ndarray:
+        """Train-id mask the class-uniform centroids of sample `index` come from (the training mask, unless a
+        subclass builds its masks otherwise for centroids, as Cityscapes autolabels do)."""
+        return self.load_mask(index)
 
     def __getitem__(self, ref: int | SampleRef) -> dict:
         if not isinstance(ref, SampleRef):

@@ -59,6 +59,8 @@ AUTOLABEL_HELP = (
 # Autolabels are valid inside rows 15..840 and columns 14..2030 of a 1024x2048 frame (the rest shows the ego
 # vehicle and the rectification border).
 MASK_OUT_BOX = (15 / 1024, 840 / 1024, 14 / 2048, 2030 / 2048)
+# How an autolabelled mask is assembled (CityscapesDataset.autolabel_mask): the original's order, or ours.
+AUTOLABEL_ORDERS = ("original", "threshold_first")
 
 
 def label_map() -> LabelMap:
@@ -161,6 +163,11 @@ class CoarseOptions:
     mask_out: bool = False  # autolabels: ego vehicle and borders become ignore
     autolabel_dir: str = "autolabelled"
     max_epoch: int = 150  # coarse data takes part in epochs < max_epoch only
+    order: str = "original"  # one of AUTOLABEL_ORDERS
+
+    def __post_init__(self) -> None:
+        if self.order not in AUTOLABEL_ORDERS:
+            raise ValueError(f"data.autolabel_order must be one of {', '.join(AUTOLABEL_ORDERS)}, got {self.order!r}")
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -251,29 +258,57 @@ class CityscapesDataset(SegmentationDataset):
     def load_mask(self, index: int) -> np.ndarray:
         if index not in self.autolabel:
             return super().load_mask(index)
+        return self.autolabel_mask(index, training=True)
+
+    def centroid_mask(self, index: int) -> np.ndarray:
+        if index in self.autolabel and self.coarse.order == "original":
+            return self.autolabel_mask(index, training=False)
+        return self.load_mask(index)
+
+    def autolabel_mask(self, index: int, training: bool) -> np.ndarray:
+        """Train-id mask of an autolabelled coarse image, for training or (training=False) for its centroids.
+
+        original (the published runs): mask-out, then the id -> train-id mapping, during which the human
+        gtCoarse pixels of each dropout class present in the autolabel are unioned in (ids are mapped in
+        ascending order, so where the autolabel holds a higher id than the human label, the autolabel's class
+        wins), then the probability threshold, which makes every low-confidence pixel ignore, the human ones
+        included. The centroids come from the mapping and the union alone: no mask-out, no threshold.
+        threshold_first: mask-out, mapping, threshold, then the human pixels of the dropout classes present
+        on top, whatever the autolabel's confidence; the centroids come from that same training mask.
+        """
         path = self.samples[index].mask
         raw = read_mask(path)
-        if self.coarse.mask_out:
+        if training and self.coarse.mask_out:
             h, w = raw.shape
             r0, r1, c0, c1 = MASK_OUT_BOX
             keep = np.zeros_like(raw)
             keep[round(r0 * h) : round(r1 * h), round(c0 * w) : round(c1 * w)] = 1
             raw = raw * keep  # id 0 (unlabelled) outside the box
         mask = self.label_map(raw, path)
-        present = set(np.unique(mask).tolist())
         prob_path, human_path = self.autolabel[index]
-        prob = read_mask(prob_path)
-        if prob.shape != mask.shape:
-            raise DataError(f"probability map size {prob.shape[::-1]} differs from its autolabel {mask.shape[::-1]} "
-                            f"(WxH): {prob_path}")
-        mask[prob < self.coarse.autolabel_prob * 255] = self.ignore_index
-        # Human coarse labels of the dropout classes present in the autolabel are trusted whatever the
-        # autolabel's confidence, so they are added after the threshold.
-        wanted = [c for c in self.coarse.dropout_classes if c in present]
+        wanted: dict[int, list[int]] = {}  # dropout class -> its label ids present in the autolabel
+        for c in self.coarse.dropout_classes:
+            present = [k for k, v in self.label_map.id_to_train.items() if v == c and (raw == k).any()]
+            if present:
+                wanted[c] = present
+        human_raw = human = None
         if wanted and human_path is not None:
-            human = self.label_map(read_mask(human_path), human_path)
+            human_raw = read_mask(human_path)
+            human = self.label_map(human_raw, human_path)
             if human.shape != mask.shape:
                 raise DataError(f"gtCoarse mask size differs from its autolabel: {human_path}")
+        original = self.coarse.order == "original"
+        if original and human is not None:
+            for c, present in wanted.items():
+                for k in present:
+                    mask[(human_raw == k) & (raw <= k)] = c
+        if training:
+            prob = read_mask(prob_path)
+            if prob.shape != mask.shape:
+                raise DataError(f"probability map size {prob.shape[::-1]} differs from its autolabel "
+                                f"{mask.shape[::-1]} (WxH): {prob_path}")
+            mask[prob / 255.0 < self.coarse.autolabel_prob] = self.ignore_index  # the original's arithmetic
+        if not original and human is not None:
             for c in wanted:
                 mask[human == c] = c
         return mask
@@ -287,7 +322,8 @@ class CityscapesDataset(SegmentationDataset):
                                   f"cityscapes_{self.split}_cv{self.cv}", cache_dir, workers=workers)
         if len(self.samples) > self.num_main:
             c = self.coarse
-            extra = f"offset{self.num_main}|prob{c.autolabel_prob}|dropout{c.dropout_classes}|maskout{c.mask_out}"
+            extra = (f"offset{self.num_main}|prob{c.autolabel_prob}|dropout{c.dropout_classes}|maskout{c.mask_out}"
+                     f"|order{c.order}")
             coarse, _ = load_or_compute(self, range(self.num_main, len(self.samples)), self.num_classes, tile,
                                         "cityscapes_coarse", cache_dir, extra, workers)
             fine = {k: list(v) + (coarse[k] if k in c.boost_classes else []) for k, v in fine.items()}

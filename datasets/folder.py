@@ -34,9 +34,10 @@ class FolderDataset(SegmentationDataset):
     """Every image file directly in `root` (sorted); items have no 'mask'. Use a batch size of 1 for mixed sizes.
 
     `label_map` is the class source's table (unused for reading; it lets predictions be written as label ids).
+    An unreadable image is a DataError naming it; with `skip_bad` it is logged and the next image stands in.
     """
 
-    def __init__(self, root: str, transform: Transform, classes: str = ""):
+    def __init__(self, root: str, transform: Transform, classes: str = "", skip_bad: bool = False):
         if not os.path.isdir(root):
             raise DataNotFoundError(f"image folder not found: {root}")
         names = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -44,4 +45,4 @@ class FolderDataset(SegmentationDataset):
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
         samples = [Sample(os.path.join(root, f), None, os.path.splitext(f)[0]) for f in names]
         info, table = class_source(classes)
-        super().__init__(samples, info, table, transform, False, f"folder/{os.path.basename(root)}")
+        super().__init__(samples, info, table, transform, skip_bad, f"folder/{os.path.basename(root)}")

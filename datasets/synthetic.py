@@ -10,10 +10,15 @@ lighting, colour casts, texture and pixel noise make single pixels ambiguous: co
 
 Generation is deterministic per (seed, split, image index), takes a fraction of a second per image, and is atomic:
 the files are written to a temporary sibling folder that is renamed to `root` after the marker file is written.
+Next to the marker, a manifest lists every file the generator wrote with its SHA-256. Regenerating with other
+parameters removes exactly those files, and refuses (DataError naming them) when the folder holds anything else:
+a file it did not write, one changed since, a link, or a folder of its own. Nothing it did not write is deleted.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -25,9 +30,12 @@ from typing import Iterator
 import cv2
 import numpy as np
 
+from .base import DataError
+
 log = logging.getLogger(__name__)
 
-MARKER = "synthetic_cityscapes.json"
+MARKER = "synthetic_cityscapes.json"  # the parameters; written last, so its presence means "complete"
+MANIFEST = "synthetic_cityscapes_files.json"  # {path relative to the root: SHA-256} of every file written
 VERSION = 1
 TRAIN_CITIES = ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf")
 VAL_CITIES = ("frankfurt", "lindau", "munster")
@@ -222,19 +230,117 @@ def _lock(root: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write(folder: str, num_train: int, num_val: int, height: int, width: int, seed: int) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write(folder: str, num_train: int, num_val: int, height: int, width: int, seed: int) -> dict[str, str]:
+    """Write the images and label maps under `folder`; returns the manifest {relative path: SHA-256}."""
+    written: dict[str, str] = {}
     for split, n, cities in (("train", num_train, TRAIN_CITIES), ("val", num_val, VAL_CITIES)):
         for i in range(n):
             city = cities[i % len(cities)]
             stem = f"{city}_{i:06d}_000019"
-            img_dir = os.path.join(folder, "leftImg8bit", split, city)
-            gt_dir = os.path.join(folder, "gtFine", split, city)
-            os.makedirs(img_dir, exist_ok=True)
-            os.makedirs(gt_dir, exist_ok=True)
             image, label = synthetic_scene(seed, split, i, height, width)
-            cv2.imwrite(os.path.join(img_dir, f"{stem}_leftImg8bit.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                        [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            cv2.imwrite(os.path.join(gt_dir, f"{stem}_gtFine_labelIds.png"), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            for rel, array in ((f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
+                                cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
+                               (f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png", label)):
+                ok, png = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+                if not ok:
+                    raise DataError(f"cannot encode generated image {rel}")
+                path = os.path.join(folder, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                data = png.tobytes()
+                with open(path, "wb") as f:
+                    f.write(data)
+                written[rel] = _sha256(data)
+    return written
+
+
+def read_manifest(root: str) -> dict[str, str] | None:
+    """{relative path: SHA-256} of the files the generator wrote at `root` (None: no readable manifest)."""
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            files = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def foreign_entries(root: str, written: dict[str, str]) -> list[str]:
+    """Paths under `root` (relative) that the generator did not write: files not in `written` or changed since,
+    links, and folders that hold none of the written files. Sorted."""
+    own_dirs = {os.path.dirname(rel) for rel in written}
+    for rel in list(own_dirs):
+        while rel:
+            rel = os.path.dirname(rel)
+            own_dirs.add(rel)
+    out = []
+    for d, dirs, files in os.walk(root):
+        here = os.path.relpath(d, root)
+        here = "" if here == "." else here
+        for name in dirs:
+            rel = os.path.join(here, name)
+            if os.path.islink(os.path.join(d, name)) or rel not in own_dirs:
+                out.append(rel + "/")
+        for name in files:
+            rel = os.path.join(here, name)
+            path = os.path.join(d, name)
+            if rel in (MARKER, MANIFEST) and not os.path.islink(path):
+                continue
+            if os.path.islink(path) or rel not in written:
+                out.append(rel)
+                continue
+            with open(path, "rb") as f:
+                if _sha256(f.read()) != written[rel]:
+                    out.append(rel)
+    return sorted(out)
+
+
+def _remove_written(root: str, written: dict[str, str]) -> None:
+    """Delete the generator's files at `root`, then its folders and `root` itself. The marker goes first (the
+    folder stops counting as complete) and the manifest last (an interrupted removal can be finished later)."""
+    for rel in [MARKER, *sorted(written), MANIFEST]:
+        try:
+            os.remove(os.path.join(root, rel))
+        except FileNotFoundError:
+            pass
+    dirs = {os.path.dirname(rel) for rel in written}
+    for rel in list(dirs):
+        while rel:
+            rel = os.path.dirname(rel)
+            dirs.add(rel)
+    for rel in sorted(dirs, key=len, reverse=True):  # children before their parents; "" (root) last
+        try:
+            os.rmdir(os.path.join(root, rel) if rel else root)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            left = foreign_entries(root, {})
+            raise DataError(f"{root}: files appeared while the generated data was replaced ({', '.join(left[:5])}); "
+                            "they were left in place: move them out and run again") from e
+
+
+def _check_replaceable(root: str) -> dict[str, str]:
+    """The manifest of the generated data at `root`, once sure that replacing it deletes nothing else."""
+    written = read_manifest(root)
+    if written is None:
+        if read_marker(root) is not None:
+            raise DataError(f"{root} was generated by an earlier version that did not record its files, so it cannot "
+                            "be regenerated safely with other data.synthetic.* values: delete that folder yourself "
+                            "or set data.root to a new folder")
+        raise DataError(f"{root} exists and is not a generated dataset (no {MARKER}): for a downloaded Cityscapes "
+                        "folder use data.dataset=cityscapes; for the generated demo data set data.root to a new "
+                        "or empty folder")
+    foreign = foreign_entries(root, written)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(f"{root} holds {len(foreign)} file(s) the synthetic generator did not write or that changed "
+                        f"since ({shown}); regenerating it (other data.synthetic.* values) would delete or mix "
+                        "with them: move them out of that folder, or set data.root to a new folder")
+    return written
 
 
 def generate_synthetic_cityscapes(
@@ -242,24 +348,25 @@ def generate_synthetic_cityscapes(
 ) -> str:
     """Write the dataset at `root` unless a complete one with the same parameters is there; returns `root`.
 
-    A folder at `root` that this function did not write is never touched (FileExistsError). One written with other
-    parameters is replaced. An interrupted generation leaves only a temporary folder, which the next call removes.
+    A missing or empty `root` is filled. Generated data with other parameters is replaced: exactly the files of
+    its manifest are removed. Any other content is never touched: a folder this function did not write, or
+    generated data next to files it did not write (or changed since), raises DataError naming them. An
+    interrupted generation leaves only a temporary folder, which the next call removes.
     """
     if num_train < 1 or num_val < 1 or height < 16 or width < 16:
-        raise ValueError(f"synthetic dataset needs num_train, num_val >= 1 and height, width >= 16; got "
-                         f"{num_train}, {num_val}, {height}, {width}")
+        raise DataError(f"synthetic dataset needs num_train, num_val >= 1 and height, width >= 16 "
+                        f"(data.synthetic.*); got {num_train}, {num_val}, {height}, {width}")
     params = _params(num_train, num_val, height, width, seed)
     if read_marker(root) == params:
         return root
     with _lock(root):
-        found = read_marker(root)
-        if found == params:
+        if read_marker(root) == params:
             return root
-        if os.path.exists(root) and found is None:
-            raise FileExistsError(
-                f"{root} exists but is not a complete generated dataset (no {MARKER}); "
-                "remove it or point data.root elsewhere"
-            )
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise DataError(f"{root} is a file, not a folder: set data.root to a new folder for the generated data")
+        replace = os.path.isdir(root) and bool(os.listdir(root))  # an empty folder is simply filled
+        if replace:
+            _check_replaceable(root)  # before spending time on generation
         parent, name = os.path.split(os.path.abspath(root))
         for stale in os.listdir(parent):  # left by an interrupted run (we hold the lock, so none is in progress)
             if stale.startswith(f".{name}.partial-"):
@@ -268,14 +375,14 @@ def generate_synthetic_cityscapes(
         try:
             log.info("generating synthetic Cityscapes-layout data at %s (%d train, %d val, %dx%d)", root,
                      num_train, num_val, width, height)
-            _write(tmp, num_train, num_val, height, width, seed)
+            written = _write(tmp, num_train, num_val, height, width, seed)
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(written, f, indent=0, sort_keys=True)
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump(params, f)
-            if found is not None:  # ours, with other parameters
-                old = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-                os.rename(root, os.path.join(old, "old"))
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, root)
+            if replace:
+                _remove_written(root, _check_replaceable(root))  # checked again: generation took a while
+            os.rename(tmp, root)  # replaces an empty folder
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -68,7 +68,7 @@ def _init_worker(dataset) -> None:
 
 def _image_centroids(job: tuple[int, int, int]) -> tuple[int, list[tuple[int, int, int]]]:
     index, num_classes, tile = job
-    return index, tile_centroids(_DATASET.load_mask(index), num_classes, tile)
+    return index, tile_centroids(_DATASET.centroid_mask(index), num_classes, tile)
 
 
 class _Progress:
@@ -94,7 +94,7 @@ class _Progress:
 def compute_centroids(
     dataset, indices: Sequence[int], num_classes: int, tile: int, workers: int = 0, progress: bool = True
 ) -> dict[int, list[list[int]]]:
-    """{class: [[image index, x, y], ...]} over `indices` of `dataset` (which must offer load_mask(index))."""
+    """{class: [[image index, x, y], ...]} over `indices` of `dataset` (which must offer centroid_mask(index))."""
     jobs = [(int(i), num_classes, tile) for i in indices]
     result: dict[int, list[list[int]]] = {c: [] for c in range(num_classes)}
     bar = _Progress(len(jobs), f"centroids (tile {tile})") if progress and jobs else None

@@ -8,7 +8,7 @@ from torch import nn
 
 from .backbones import build_trunk
 from .layers import attn_head, kaiming_init, norm2d, resize, seg_head
-from .mscale import MscaleBase
+from .mscale import MscaleBase, check_attn_bn_stats
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -89,25 +89,16 @@ class MscaleDeepV3Plus(DeepLabV3PlusBody, MscaleBase):
         head_ch: int = 256,
         attn_ch: int = 256,
         lo_scale: float = 0.5,
-        train_hi_attn: bool = False,
+        attn_bn_stats: str = "both",
     ) -> None:
         super().__init__(num_classes, trunk, aspp_ch, fine_ch, head_ch)
         if not 0 < lo_scale < 1:
             raise ValueError(f"lo_scale must lie in (0, 1), got {lo_scale}")
         self.lo_scale = float(lo_scale)
-        self.train_hi_attn = bool(train_hi_attn)
+        self.attn_bn_stats = check_attn_bn_stats(attn_bn_stats)
         self.scale_attn = attn_head(self.decoder_channels, attn_ch)
 
-    def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._single(x, with_attn=True)
-
-    def single_forward_without_attn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._single(x, with_attn=False)
-
-    def _single(self, x: torch.Tensor, with_attn: bool) -> dict[str, torch.Tensor]:
+    def single_features(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits resized to x's size, and the 304-channel decoder features the attention head reads."""
         logits, cat_s4 = self.decode(x)
-        size = x.shape[-2:]
-        out = {"pred": resize(logits, size)}
-        if with_attn:
-            out["attn"] = resize(self.scale_attn(cat_s4), size)
-        return out
+        return {"pred": resize(logits, x.shape[-2:])}, cat_s4

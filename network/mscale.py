@@ -1,7 +1,8 @@
 """Hierarchical multi-scale attention (Tao et al. 2020): two-scale training, n-scale inference.
 
-A subclass implements `single_forward(x) -> {'pred', 'attn'[, 'aux']}`, every map at the size of `x`
-(`attn` is a sigmoid weight with one channel). All fusion happens on logits, lower scales having priority:
+A subclass implements `single_features(x) -> ({'pred'[, 'aux']}, features)`, every map at the size of `x`, and
+holds the attention head `scale_attn`, which reads `features`; `single_forward` adds 'attn' (the head's sigmoid
+weight, one channel, resized to x). All fusion happens on logits, lower scales having priority:
     pred = a_0.5 * p_0.5 + (1 - a_0.5) * [a_1 * p_1 + (1 - a_1) * down(p_2)]   (all resized to 1x)
 """
 from __future__ import annotations
@@ -16,6 +17,14 @@ from .layers import rescale, resize, resize_as
 
 FUSED_KEYS = ("pred", "aux")  # outputs fused across scales when a model produces them
 FUSION_RULES = ("attention", "average", "max")  # how per-scale logits are combined at inference
+# Which training passes update the attention head's BatchNorm running statistics (see two_scale_forward).
+ATTN_BN_STATS = ("both", "low")
+
+
+def check_attn_bn_stats(value: str) -> str:
+    if value not in ATTN_BN_STATS:
+        raise ValueError(f"attn_bn_stats must be one of {', '.join(ATTN_BN_STATS)}, got {value!r}")
+    return value
 
 
 def scale_key(prefix: str, scale: float) -> str:
@@ -55,18 +64,20 @@ def fuse_step(fused: torch.Tensor | None, scale: float, pred: torch.Tensor, attn
 
 
 class MscaleBase(nn.Module):
-    """Wraps a single-scale network (`single_forward`) in hierarchical multi-scale attention."""
+    """Wraps a single-scale network (`single_features` + `scale_attn`) in hierarchical multi-scale attention."""
 
     lo_scale: float = 0.5
-    train_hi_attn: bool = False  # run the attention head on training's 1.0x pass too (see two_scale_forward)
+    attn_bn_stats: str = "both"  # one of ATTN_BN_STATS
+    scale_attn: nn.Module
 
-    def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def single_features(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({'pred'[, 'aux']} at the size of x, the features the attention head reads)."""
         raise NotImplementedError
 
-    def single_forward_without_attn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`single_forward` without 'attn'; subclasses override it to skip the attention head's cost."""
-        out = self.single_forward(x)
-        del out["attn"]
+    def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The original's `_fwd`: the maps and the attention, each at the size of x."""
+        out, feats = self.single_features(x)
+        out["attn"] = resize(self.scale_attn(feats), x.shape[-2:])
         return out
 
     def forward(self, images: torch.Tensor, scales: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
@@ -77,14 +88,17 @@ class MscaleBase(nn.Module):
     def two_scale_forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training: the low-scale copy and the input through the shared network, fused by the low attention.
 
-        The 1.0x attention is not used by any output. The original computes it anyway; skipping it (the default)
-        leaves every output and gradient bit-identical and saves the head's forward at full resolution (~18% of
-        a single-scale forward for HRNet-OCR). The one difference: the head's BatchNorm running statistics are
-        then updated by the 0.5x pass alone, the scale whose batch statistics the trained attention used.
-        `train_hi_attn=True` restores the original's computation (running statistics of both passes).
+        The 1.0x attention is not used by any output, but the original computes it, so its BatchNorm layers
+        update their running statistics twice per step, with the 0.5x batch and then the 1.0x one, and inference
+        uses that mix at every scale. attn_bn_stats='both' (the default) reproduces exactly this by running the
+        head on the 1.0x features under no_grad: outputs and gradients are those of skipping it, and the head's
+        backward at full resolution is never built. 'low' skips the head: running statistics of the 0.5x pass
+        only, the batches whose statistics the trained attention actually saw.
         """
         lo = self.single_forward(rescale(images, self.lo_scale))
-        hi = self.single_forward(images) if self.train_hi_attn else self.single_forward_without_attn(images)
+        hi, hi_feats = self.single_features(images)
+        if self.attn_bn_stats == "both" and self.training:
+            self._update_attn_statistics(hi_feats)
         out: dict[str, torch.Tensor] = {scale_key("attn", self.lo_scale): lo["attn"]}
         for key in FUSED_KEYS:
             if key in hi:
@@ -92,6 +106,11 @@ class MscaleBase(nn.Module):
                 out[scale_key(key, self.lo_scale)] = lo[key]
                 out[scale_key(key, 1.0)] = hi[key]
         return out
+
+    @torch.no_grad()
+    def _update_attn_statistics(self, feats: torch.Tensor) -> None:
+        """The attention head's forward for its BatchNorm running statistics alone (the output is discarded)."""
+        self.scale_attn(feats)
 
     def nscale_forward(self, images: torch.Tensor, scales: Sequence[float]) -> dict[str, torch.Tensor]:
         """Inference on any scale set containing 1.0; returns the fused maps and every scale's own."""

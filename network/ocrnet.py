@@ -10,7 +10,7 @@ from torch import nn
 
 from .hrnet import HRNetTrunk
 from .layers import attn_head, resize
-from .mscale import MscaleBase
+from .mscale import MscaleBase, check_attn_bn_stats
 from .ocr import OCRBlock
 
 
@@ -59,26 +59,17 @@ class MscaleOCRNet(OCRNetBody, MscaleBase):
         attn_ch: int = 256,
         lo_scale: float = 0.5,
         timm_pretrained: bool = False,
-        train_hi_attn: bool = False,
+        attn_bn_stats: str = "both",
     ) -> None:
         super().__init__(num_classes, trunk, mid_ch, key_ch, timm_pretrained)
         if not 0 < lo_scale < 1:
             raise ValueError(f"lo_scale must lie in (0, 1), got {lo_scale}")
         self.lo_scale = float(lo_scale)
-        self.train_hi_attn = bool(train_hi_attn)
+        self.attn_bn_stats = check_attn_bn_stats(attn_bn_stats)
         self.scale_attn = attn_head(self.ocr.out_channels, attn_ch)
 
-    def single_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The original's `_fwd`: logits, auxiliary logits and attention, each resized to x's size."""
-        return self._single(x, with_attn=True)
-
-    def single_forward_without_attn(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._single(x, with_attn=False)
-
-    def _single(self, x: torch.Tensor, with_attn: bool) -> dict[str, torch.Tensor]:
+    def single_features(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits and auxiliary logits resized to x's size, and the OCR features the attention head reads."""
         logits, aux, ocr_feats = self.heads(x)
         size = x.shape[-2:]
-        out = {"pred": resize(logits, size), "aux": resize(aux, size)}
-        if with_attn:
-            out["attn"] = resize(self.scale_attn(ocr_feats), size)
-        return out
+        return {"pred": resize(logits, size), "aux": resize(aux, size)}, ocr_feats

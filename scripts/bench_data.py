@@ -1,13 +1,19 @@
-"""Data-pipeline benchmark at Cityscapes size: our OpenCV pipeline against a PIL pipeline doing the same steps.
+"""Data-pipeline benchmark: our training item (Pillow-exact or OpenCV resampling) against a PIL pipeline doing
+the same steps the way the original code does them.
 
-    python scripts/bench_data.py [--images 8] [--repeats 3] [--crop 1024] [--step-time 0.5 --batch 2]
+    OMP_NUM_THREADS=1 python scripts/bench_data.py [--images 8] [--repeats 3] [--crop 1024[,W]]
+        [--width 2048 --height 1024] [--pre-size 0] [--no-gblur] [--resample both|pil|opencv]
+        [--step-time 0.5 --batch 2] [--no-centroids] [--json out.json]
+    # the published crops: Cityscapes --crop 1024,2048 --no-gblur; Mapillary --width 4000 --height 3000
+    #     --pre-size 2177 --crop 1024
 
-Writes N generated 2048x1024 street scenes as PNG (image + label ids) to a temporary Cityscapes-layout folder, then
-times (median per image, the two pipelines interleaved), in one process and one thread (= one DataLoader worker):
-  * ours: the training item of CityscapesDataset (decode, id -> train id, random scale 0.5-2 + 1024x1024 crop,
-    flip, colour jitter, Gaussian blur, normalisation);
+Writes N generated street scenes as PNG (image + label ids) to a temporary Cityscapes-layout folder, then times
+(median per image, the pipelines interleaved), in one process and one thread (= one DataLoader worker):
+  * ours, per --resample: the training item of CityscapesDataset (decode, id -> train id, random scale 0.5-2
+    (after --pre-size) + crop, flip, colour jitter, [Gaussian blur], normalisation), data.resample=pil (Pillow's
+    values, the default) and/or opencv;
   * PIL: the same steps as the original code does them (PIL decode, resize whole image bicubic / mask nearest,
-    pad + crop, flip, torchvision ColorJitter, PIL Gaussian blur, ToTensor + Normalize);
+    pad + crop, flip, torchvision ColorJitter, [PIL Gaussian blur], ToTensor + Normalize);
   * the class-centroid computation (tile 1024) per 1,000 masks, one process and all cores.
 With --step-time (seconds of one training step on the GPU) and --batch, it also says how many workers keep it fed.
 """
@@ -21,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,10 +58,12 @@ def write_dataset(root: str, n: int, height: int, width: int) -> None:
 class PILPipeline:
     """The same training steps with PIL and torchvision, the way the original pipeline does them."""
 
-    def __init__(self, crop: int, scale_min: float, scale_max: float, color_aug: float):
+    def __init__(self, crop: tuple[int, int], scale_min: float, scale_max: float, color_aug: float, pre_size: int,
+                 gblur: bool):
         import torchvision.transforms as T
 
-        self.crop, self.scale_min, self.scale_max = crop, scale_min, scale_max
+        self.crop_h, self.crop_w = crop
+        self.scale_min, self.scale_max, self.pre_size, self.gblur = scale_min, scale_max, pre_size, gblur
         self.jitter = T.ColorJitter(color_aug, color_aug, color_aug, color_aug)
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
         lut = label_map()._lut(256)[0]
@@ -67,19 +76,24 @@ class PILPipeline:
         mask = Image.fromarray(self.lut[np.asarray(Image.open(mask_path))])
         s = random.uniform(self.scale_min, self.scale_max)
         w, h = img.size
+        if self.pre_size:  # the same scale as ours (the original's own pre_size line has no effect)
+            s *= self.pre_size / max(w, h)
         size = (int(w * s), int(h * s))
         img, mask = img.resize(size, Image.BICUBIC), mask.resize(size, Image.NEAREST)
-        if size[0] < self.crop or size[1] < self.crop:
-            pw, ph = max(self.crop - size[0], 0) // 2 + 1, max(self.crop - size[1], 0) // 2 + 1
+        ph = (self.crop_h - size[1]) // 2 + 1 if self.crop_h > size[1] else 0
+        pw = (self.crop_w - size[0]) // 2 + 1 if self.crop_w > size[0] else 0
+        if ph or pw:
             img = ImageOps.expand(img, (pw, ph, pw, ph), fill=0)
             mask = ImageOps.expand(mask, (pw, ph, pw, ph), fill=255)
         w, h = img.size
-        x, y = random.randint(0, w - self.crop), random.randint(0, h - self.crop)
-        img, mask = img.crop((x, y, x + self.crop, y + self.crop)), mask.crop((x, y, x + self.crop, y + self.crop))
+        x, y = random.randint(0, w - self.crop_w), random.randint(0, h - self.crop_h)
+        box = (x, y, x + self.crop_w, y + self.crop_h)
+        img, mask = img.crop(box), mask.crop(box)
         if random.random() < 0.5:
             img, mask = img.transpose(Image.FLIP_LEFT_RIGHT), mask.transpose(Image.FLIP_LEFT_RIGHT)
         img = self.jitter(img)
-        img = img.filter(ImageFilter.GaussianBlur(radius=0.15 + random.random() * 1.15))
+        if self.gblur:
+            img = img.filter(ImageFilter.GaussianBlur(radius=0.15 + random.random() * 1.15))
         return self.to_tensor(img), torch.from_numpy(np.asarray(mask, np.int64))
 
 
@@ -90,13 +104,24 @@ def timed(fn, n: int) -> float:
     return time.perf_counter() - start
 
 
+def parse_crop(text: str) -> tuple[int, int]:
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--crop takes H or H,W (positive), got {text!r}")
+    return (parts[0], parts[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=8, help="generated 2048x1024 scenes")
+    p.add_argument("--images", type=int, default=8, help="generated scenes")
     p.add_argument("--repeats", type=int, default=3, help="passes over the images per pipeline")
-    p.add_argument("--crop", type=int, default=1024)
+    p.add_argument("--crop", type=parse_crop, default=(1024, 1024), help="training crop H or H,W")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--pre-size", type=int, default=0, help="data.pre_size: long edge before the random scale")
+    p.add_argument("--no-gblur", action="store_true", help="data.gblur=false (the Cityscapes recipe)")
+    p.add_argument("--resample", choices=("both", "pil", "opencv"), default="both", help="data.resample to time")
+    p.add_argument("--no-centroids", action="store_true", help="skip the centroid timing")
     p.add_argument("--step-time", type=float, default=0.0, help="seconds per GPU training step, to size the workers")
     p.add_argument("--batch", type=int, default=2, help="images per GPU training step")
     p.add_argument("--json", default="", help="also write the results to this file")
@@ -105,51 +130,60 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cv2.setNumThreads(0)  # one worker = one thread
     root = tempfile.mkdtemp(prefix="bench_data_")
-    results: dict = {"images": args.images, "size": [args.width, args.height], "crop": args.crop}
+    modes = ("pil", "opencv") if args.resample == "both" else (args.resample,)
+    results: dict = {"images": args.images, "size": [args.width, args.height], "crop": list(args.crop),
+                     "pre_size": args.pre_size, "gblur": not args.no_gblur}
     try:
         t = time.perf_counter()
         write_dataset(root, args.images, args.height, args.width)
         print(f"wrote {args.images} scenes of {args.width}x{args.height} in {time.perf_counter() - t:.1f}s")
-        cfg = DataConfig(root=root, generate=False, crop_size=(args.crop, args.crop), gblur=True, color_aug=0.25)
-        ds = CityscapesDataset(root, "train", build_transforms(cfg, True, 255))
+        cfg = DataConfig(dataset="cityscapes", root=root, crop_size=args.crop, pre_size=args.pre_size,
+                         gblur=not args.no_gblur, color_aug=0.25)
+        datasets = {m: CityscapesDataset(root, "train", build_transforms(replace(cfg, resample=m), True, 255))
+                    for m in modes}
+        ds = datasets[modes[0]]
         n = args.images * args.repeats
 
-        pil = PILPipeline(args.crop, cfg.scale_min, cfg.scale_max, cfg.color_aug)
-        ds[SampleRef(0, 0)]  # warm-up (imports, allocations)
+        pil = PILPipeline(args.crop, cfg.scale_min, cfg.scale_max, cfg.color_aug, args.pre_size, cfg.gblur)
+        for d in datasets.values():
+            d[SampleRef(0, 0)]  # warm-up (imports, allocations)
         pil(ds.samples[0].image, ds.samples[0].mask)
-        # Interleaved, per-image medians: a shared machine's load then hits both pipelines alike.
-        times: dict[str, list[float]] = {"decode": [], "ours": [], "pil": []}
+        # Interleaved, per-image medians: a shared machine's load then hits all pipelines alike.
+        times: dict[str, list[float]] = {"decode": [], "pil_baseline": [], **{m: [] for m in modes}}
         for i in range(n):
             k = i % args.images
             times["decode"].append(timed(lambda _: ds.load(k), 1))
-            times["ours"].append(timed(lambda _: ds[SampleRef(k, i)], 1))
-            times["pil"].append(timed(lambda _: pil(ds.samples[k].image, ds.samples[k].mask), 1))
-        decode, ours, baseline = (float(np.median(times[key])) * n for key in ("decode", "ours", "pil"))
-        results.update({
-            "ours_img_per_s_per_worker": n / ours,
-            "ours_decode_ms": 1000 * decode / n,
-            "ours_ms": 1000 * ours / n,
-            "pil_img_per_s_per_worker": n / baseline,
-            "pil_ms": 1000 * baseline / n,
-            "speedup": baseline / ours,
-        })
-        print(f"ours : {n / ours:6.2f} img/s per worker ({1000 * ours / n:.0f} ms/img, of which decode + id map "
-              f"{1000 * decode / n:.0f} ms)")
-        print(f"PIL  : {n / baseline:6.2f} img/s per worker ({1000 * baseline / n:.0f} ms/img)")
-        print(f"speed-up: {baseline / ours:.2f}x")
+            for m, d in datasets.items():
+                times[m].append(timed(lambda _: d[SampleRef(k, i)], 1))
+            times["pil_baseline"].append(timed(lambda _: pil(ds.samples[k].image, ds.samples[k].mask), 1))
+        median = {key: float(np.median(v)) for key, v in times.items()}
+        results["decode_ms"] = 1000 * median["decode"]
+        print(f"decode + id map: {1000 * median['decode']:.0f} ms/img")
+        for m in modes:
+            results[f"{m}_img_per_s_per_worker"] = 1 / median[m]
+            results[f"{m}_ms"] = 1000 * median[m]
+            print(f"ours, resample={m:6s}: {1 / median[m]:6.2f} img/s per worker ({1000 * median[m]:.0f} ms/img)")
+        base = median["pil_baseline"]
+        results.update({"pil_baseline_img_per_s_per_worker": 1 / base, "pil_baseline_ms": 1000 * base})
+        print(f"PIL pipeline as the original: {1 / base:6.2f} img/s per worker ({1000 * base:.0f} ms/img)")
 
-        serial = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=1, progress=False), 1)
-        cores = os.cpu_count() or 1
-        parallel = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=cores, progress=False), 1)
-        results.update({"centroids_s_per_1000_one_process": 1000 * serial / len(ds),
-                        f"centroids_s_per_1000_{cores}_processes": 1000 * parallel / len(ds)})
-        print(f"centroids (tile 1024): {1000 * serial / len(ds):.0f} s per 1,000 images in one process, "
-              f"{1000 * parallel / len(ds):.0f} s with {cores} processes (few images: start-up dominates)")
+        if not args.no_centroids:
+            serial = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=1, progress=False), 1)
+            cores = os.cpu_count() or 1
+            parallel = timed(lambda _: compute_centroids(ds, range(len(ds)), 19, 1024, workers=cores,
+                                                         progress=False), 1)
+            results.update({"centroids_s_per_1000_one_process": 1000 * serial / len(ds),
+                            f"centroids_s_per_1000_{cores}_processes": 1000 * parallel / len(ds)})
+            print(f"centroids (tile 1024): {1000 * serial / len(ds):.0f} s per 1,000 images in one process, "
+                  f"{1000 * parallel / len(ds):.0f} s with {cores} processes (few images: start-up dominates)")
         if args.step_time > 0:
             need = args.batch / args.step_time
-            workers = int(np.ceil(need / (n / ours)))
-            results.update({"needed_img_per_s": need, "workers_needed": workers})
-            print(f"a {args.step_time:.2f}s step of batch {args.batch} needs {need:.1f} img/s: {workers} worker(s)")
+            results["needed_img_per_s"] = need
+            for m in modes:
+                workers = int(np.ceil(need * median[m]))
+                results[f"{m}_workers_needed"] = workers
+                print(f"a {args.step_time:.2f}s step of batch {args.batch} needs {need:.1f} img/s: {workers} "
+                      f"worker(s) with resample={m}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if args.json:

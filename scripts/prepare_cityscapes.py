@@ -1,11 +1,13 @@
 """Check a downloaded Cityscapes folder and say exactly what is missing.
 
-    python scripts/prepare_cityscapes.py ROOT [--coarse] [--autolabel DIR]
+    python scripts/prepare_cityscapes.py ROOT [--coarse] [--autolabel DIR] [--verify [--workers N]]
 
 Cityscapes comes from https://www.cityscapes-dataset.com/downloads/ (an account is needed): leftImg8bit_trainvaltest.zip
 and gtFine_trainvaltest.zip unpacked into ROOT (either as ROOT/leftImg8bit + ROOT/gtFine or in the zip-named folders
 ROOT/leftImg8bit_trainvaltest/leftImg8bit + ROOT/gtFine_trainvaltest/gtFine). For coarse training also
 leftImg8bit_trainextra.zip and gtCoarse.zip, and for the SOTA recipe the autolabelled masks (see the README).
+--verify also decodes every image and mask of train and val (and the coarse data with --coarse / --autolabel) in N
+worker processes, checking label ids and that masks match their images: the data.verify=true pass of train.py.
 Exit status 0 when everything needed is there, 1 otherwise.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets import build_dataset  # noqa: E402
 from datasets.base import DataError, DataNotFoundError, read_mask  # noqa: E402
 from datasets.cityscapes import (  # noqa: E402
     COARSE_SUFFIX,
@@ -26,6 +29,8 @@ from datasets.cityscapes import (  # noqa: E402
     find_layout,
     label_map,
 )
+from datasets.verify import find_bad_files, problem_line  # noqa: E402
+from utils.config import DataConfig  # noqa: E402
 
 EXPECTED = {"train": (18, 2975), "val": (3, 500), "test": (6, 1525), "train_extra": (23, 19998)}
 
@@ -43,6 +48,10 @@ class Report:
     def missing(self, msg: str) -> None:
         self.problems += 1
         print(f"  MISSING  {msg}")
+
+    def bad(self, msg: str) -> None:
+        self.problems += 1
+        print(f"  BAD      {msg}")
 
 
 def check_pairs(report: Report, name: str, image_dir: str, label_dir: str | None, label_suffix: str,
@@ -114,11 +123,32 @@ def check_autolabels(report: Report, image_dir: str, folder: str) -> None:
     check_ids(report, "autolabel", found)
 
 
+def verify_splits(report: Report, args: argparse.Namespace) -> None:
+    """Decode every sample of train (with the coarse data asked for) and val; each bad file is one problem."""
+    coarse = {}
+    if args.coarse or args.autolabel:
+        coarse = dict(coarse_boost_classes=tuple(range(19)), custom_coarse_prob=0.5 if args.autolabel else 0.0,
+                      autolabel_dir=os.path.abspath(args.autolabel) if args.autolabel else "autolabelled")
+    for split, train in (("train", True), ("val", False)):
+        try:
+            dataset = build_dataset(DataConfig(dataset="cityscapes", root=args.root, **coarse), split, train)
+        except DataError as e:
+            report.missing(f"{split}: cannot be read: {e}")
+            continue
+        bad = find_bad_files(dataset, args.workers)
+        for file, problem in bad:
+            report.bad(f"{split}: {problem_line(file, problem)}")
+        if not bad:
+            report.ok(f"{split}: {len(dataset)} samples decode, masks match their images")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root")
     p.add_argument("--coarse", action="store_true", help="also check train_extra images and gtCoarse masks")
     p.add_argument("--autolabel", default="", help="also check autolabelled masks in this folder (e.g. ROOT/autolabelled)")
+    p.add_argument("--verify", action="store_true", help="decode every image and mask (slow: minutes for the full set)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--verify processes (default: all cores)")
     args = p.parse_args(argv)
     report = Report()
     print(f"Cityscapes at {args.root}")
@@ -145,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             check_ids(report, "gtCoarse", labels)
             if args.autolabel:
                 check_autolabels(report, extra_images, args.autolabel)
+    if args.verify:
+        verify_splits(report, args)
     print("all needed files are present" if report.problems == 0 else f"{report.problems} problem(s) found")
     return 0 if report.problems == 0 else 1
 

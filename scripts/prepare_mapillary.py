@@ -1,9 +1,11 @@
 """Check a downloaded Mapillary Vistas (v1.2) folder and say exactly what is missing.
 
-    python scripts/prepare_mapillary.py ROOT
+    python scripts/prepare_mapillary.py ROOT [--verify [--workers N]]
 
 Mapillary Vistas comes from https://www.mapillary.com/dataset/vistas (research licence): unpack it so that ROOT holds
 config.json and training/, validation/ (images/*.jpg, labels/*.png) and optionally testing/images.
+--verify also decodes every image and label of training and validation in N worker processes, checking class
+indices and that labels match their images: the data.verify=true pass of train.py.
 Exit status 0 when everything needed is there, 1 otherwise.
 """
 from __future__ import annotations
@@ -14,15 +16,40 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets import build_dataset  # noqa: E402
 from datasets.base import DataError, DataNotFoundError, read_mask  # noqa: E402
 from datasets.mapillary import SPLITS, read_config  # noqa: E402
+from datasets.verify import find_bad_files, problem_line  # noqa: E402
+from utils.config import DataConfig  # noqa: E402
 
 EXPECTED = {"training": 18000, "validation": 2000, "testing": 5000}
+
+
+def verify_splits(root: str, workers: int) -> int:
+    """Decode every sample of training and validation; prints each bad file and returns their number."""
+    problems = 0
+    for split in ("train", "val"):
+        name = SPLITS[split]
+        try:
+            dataset = build_dataset(DataConfig(dataset="mapillary", root=root), split, train=False)
+        except DataError as e:
+            print(f"  MISSING  {name}: cannot be read: {e}")
+            problems += 1
+            continue
+        bad = find_bad_files(dataset, workers)
+        for file, problem in bad:
+            print(f"  BAD      {name}: {problem_line(file, problem)}")
+        if not bad:
+            print(f"  ok       {name}: {len(dataset)} samples decode, masks match their images")
+        problems += len(bad)
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root")
+    p.add_argument("--verify", action="store_true", help="decode every image and label (slow: minutes for the full set)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--verify processes (default: all cores)")
     args = p.parse_args(argv)
     problems = 0
     print(f"Mapillary Vistas at {args.root}")
@@ -61,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
         else:
             print(f"  ok       {split}: every image has its label; sampled labels hold valid class indices")
+    if args.verify:
+        problems += verify_splits(args.root, args.workers)
     print("all needed files are present" if problems == 0 else f"{problems} problem(s) found")
     return 0 if problems == 0 else 1
 

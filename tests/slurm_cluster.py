@@ -16,6 +16,14 @@ import time
 from pathlib import Path
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "srun")
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED")
+# A requeued job is held for CRED_EXPIRE + 1 s (SLURM's default: 120 s). The hold is what makes the restart safe:
+# slurmd refuses every launch credential of the job created in the same second as (or before) the kill of its
+# previous run ("Job credential revoked"), so a job released earlier (scontrol update StartTime=now) can fail.
+# 10 s is also the lifetime of a step's launch credential: ample for slurmctld -> srun -> slurmd on a loaded machine.
+CRED_EXPIRE = 10
+KILL_WAIT = 30
 
 
 def missing_binaries() -> list[str]:
@@ -31,10 +39,18 @@ def _which(name: str) -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on localhost (held open together while picking, so none is drawn twice)."""
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 class SlurmCluster:
@@ -74,7 +90,7 @@ class SlurmCluster:
         user = os.environ.get("USER") or "root"
         if os.getuid() == 0:
             user = "root"
-        self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        self.ctld_port, self.slurmd_port = _free_ports(2)
         lines = [
             "ClusterName=hmsatest",
             f"SlurmctldHost={self.node}(127.0.0.1)",
@@ -84,7 +100,7 @@ class SlurmCluster:
             f"SlurmdPort={self.slurmd_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.socket}",
+            f"AuthInfo=socket={self.socket},cred_expire={CRED_EXPIRE}",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'slurmctld.pid'}",
@@ -101,11 +117,14 @@ class SlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "SchedulerType=sched/builtin",
+            # Look at every pending job each second (default: 60 s), so a job starts within a second of becoming
+            # eligible, e.g. a requeued one at the end of its hold, which no other event announces.
+            "SchedulerParameters=sched_interval=1",
             "MpiDefault=none",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
             "JobRequeue=1",
-            "KillWait=30",
+            f"KillWait={KILL_WAIT}",
             "MinJobAge=600",
             "GresTypes=gpu",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Gres=gpu:{self.gpus} State=UNKNOWN",
@@ -157,9 +176,13 @@ class SlurmCluster:
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}:\n" + self.logs())
 
     def stop(self) -> None:
-        """Cancel what is left, then stop the daemons this object started (by their process ids)."""
+        """Cancel what is left, wait until slurmd has ended it, then stop the daemons this object started (by their
+        process ids). Stopping slurmd before the cancelled jobs are gone would leave their processes running."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--user", os.environ.get("USER") or "root", check=False)
+            end = time.time() + KILL_WAIT + 30
+            while self.unfinished_jobs() and time.time() < end:
+                time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
@@ -197,13 +220,29 @@ class SlurmCluster:
         proc = self.run("sbatch", "--parsable", *argv, cwd=cwd, env=env or self.env())
         return proc.stdout.strip().split(";")[0]
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is forgotten."""
-        proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
-        return dict(re.findall(r"(\w+)=(\S*)", proc.stdout)) if proc.returncode == 0 else {}
+    def job(self, job_id: str, timeout: float = 30.0) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is forgotten. Other
+        failures (slurmctld busy on a loaded machine) are retried for `timeout` seconds, then raised."""
+        end = time.time() + timeout
+        while True:
+            proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
+            if proc.returncode == 0:
+                return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+            if "Invalid job id" in proc.stderr:
+                return {}
+            if time.time() > end:
+                raise RuntimeError(f"scontrol show job {job_id} failed ({proc.returncode}): {proc.stderr.strip()}")
+            time.sleep(0.5)
 
-    def wait_job(self, job_id: str, timeout: float, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED",
-                 "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")) -> dict[str, str]:
+    def unfinished_jobs(self) -> list[str]:
+        """Ids of the jobs not finished yet (pending, running, completing, requeued, ...)."""
+        proc = self.run("scontrol", "-o", "show", "jobs", check=False)
+        if proc.returncode != 0:
+            return []
+        jobs = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in proc.stdout.splitlines()]
+        return [j["JobId"] for j in jobs if "JobId" in j and j.get("JobState") not in FINISHED]
+
+    def wait_job(self, job_id: str, timeout: float, states: tuple[str, ...] = FINISHED) -> dict[str, str]:
         """Poll until the job is in one of `states`; returns its record (TimeoutError with the logs otherwise)."""
         end = time.time() + timeout
         info: dict[str, str] = {}

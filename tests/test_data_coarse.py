@@ -11,7 +11,7 @@ import pytest
 
 from datasets import DataError, DataNotFoundError, build_dataset
 from datasets.synthetic import generate_synthetic_cityscapes, synthetic_scene
-from utils.config import DataConfig
+from utils.config import ConfigError, DataConfig, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W = 32, 64
@@ -55,7 +55,7 @@ def root(tmp_path_factory) -> str:
 
 
 def cfg(root: str, **kw) -> DataConfig:
-    base = dict(root=root, generate=False, num_workers=0, crop_size=(16, 16), coarse_boost_classes=(13, 14, 15),
+    base = dict(root=root, dataset="cityscapes", num_workers=0, crop_size=(16, 16), coarse_boost_classes=(13, 14, 15),
                 max_cu_epoch=3)
     base.update(kw)
     return DataConfig(**base)
@@ -83,13 +83,79 @@ def test_autolabel_threshold_dropout_and_mask_out(root):
     assert (m[16:, :32] == 0).all() and (m[:24, 32:] == 13).all()  # road, car
     assert (m[24:, 56:] == 15).all()  # bus (autolabel)
     assert (m[8:16, :16] == 255).all()  # probability 0.2 < 0.5: ignore
-    assert (m[0:8, 0:10] == 15).all()  # bus is in the autolabel: human bus pixels added, even at low probability
+    assert (m[0:8, 0:10] == 255).all()  # bus is in the autolabel: human bus pixels unioned in, then thresholded
     assert (m[0:8, 40:50] == 13).all()  # truck is not in the autolabel: the human truck pixels are not added
+    ours = build_dataset(cfg(root, custom_coarse_prob=0.5, custom_coarse_dropout_classes=(14, 15),
+                             autolabel_order="threshold_first"), "train", True).load_mask(6)
+    assert (ours[0:8, 0:10] == 15).all()  # human bus pixels on top of the threshold: kept at low probability
+    assert (ours[0:8, 40:50] == 13).all()
     plain = build_dataset(cfg(root, custom_coarse_prob=0.5), "train", True).load_mask(6)
     assert (plain[0:8, 0:10] == 255).all()  # without dropout classes the low-probability corner stays ignored
     out = build_dataset(cfg(root, custom_coarse_prob=0.5, mask_out_cityscapes=True), "train", True).load_mask(6)
     rows = round(840 / 1024 * H)
     assert (out[rows:] == 255).all() and (out[16:rows, 16:32] == 0).all()
+
+
+# A hand-built 8x8 autolabel, one case per column (label ids; the human gtCoarse and the probability alike):
+#   col:        0      1      2      3      4      5      6      7
+#   autolabel   road   road   bus    car    truck  road   car    road
+#   human       truck  truck  truck  truck  -      train  -      -
+#   probability 255    100    255    255    255    255    100    255
+# Dropout classes truck (14) and train (16): truck is in the autolabel, train is not. Mask-out keeps rows 0..6
+# (row 7 is outside round(840/1024 * 8) = 7).
+AUTO_COLS = [ROAD, ROAD, BUS, CAR, TRUCK, ROAD, CAR, ROAD]
+HUMAN_COLS = [TRUCK, TRUCK, TRUCK, TRUCK, 0, 31, 0, 0]
+PROB_COLS = [255, 100, 255, 255, 255, 255, 100, 255]
+# Expected train ids, rows 0..6 and row 7, worked out by hand from the two rules:
+EXPECTED = {
+    # union while mapping ids in ascending order (bus 28 > truck 27: the autolabel's bus stays; car 26 < 27:
+    # the human truck wins), then the threshold (column 1's human truck at probability 100 becomes ignore);
+    # row 7: the autolabel is masked out (id 0) but the human truck is not, and the threshold still applies.
+    "original": ([14, 255, 15, 14, 14, 0, 255, 0], [14, 255, 14, 14, 255, 255, 255, 255]),
+    # threshold first, then the human truck on top everywhere (at any probability, inside or outside the box)
+    "threshold_first": ([14, 14, 14, 14, 14, 0, 255, 0], [14, 14, 14, 14, 255, 255, 255, 255]),
+}
+# Centroid masks: original: the raw autolabel with the union (no mask-out, no threshold); ours: the training mask.
+CENTROID_ROWS = {"original": [14, 14, 15, 14, 14, 0, 13, 0]}
+
+
+@pytest.fixture(scope="module")
+def cases_root(tmp_path_factory) -> str:
+    base = tmp_path_factory.mktemp("cases")
+    root = generate_synthetic_cityscapes(str(base / "cs"), 6, 2, H, W, 0)
+    stem = "augsburg_000000_000001"
+    for d in ("leftImg8bit/train_extra", "gtCoarse/train_extra", "autolabelled/train_extra"):
+        os.makedirs(os.path.join(root, d, "augsburg"), exist_ok=True)
+    cols = lambda values: np.tile(np.array(values, np.uint8), (8, 1))  # noqa: E731
+    cv2.imwrite(os.path.join(root, "leftImg8bit/train_extra/augsburg", stem + "_leftImg8bit.png"),
+                np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(os.path.join(root, "gtCoarse/train_extra/augsburg", stem + "_gtCoarse_labelIds.png"), cols(HUMAN_COLS))
+    auto = os.path.join(root, "autolabelled/train_extra/augsburg", stem)
+    cv2.imwrite(auto + "_leftImg8bit.png", cols(AUTO_COLS))
+    cv2.imwrite(auto + "_leftImg8bit_prob.png", cols(PROB_COLS))
+    return root
+
+
+@pytest.mark.parametrize("order", sorted(EXPECTED))
+def test_autolabel_order_on_hand_built_cases(cases_root, tmp_path, order):
+    c = cfg(cases_root, coarse_boost_classes=(13, 14, 15), custom_coarse_prob=0.5,
+            custom_coarse_dropout_classes=(14, 16), mask_out_cityscapes=True, autolabel_order=order,
+            class_uniform_pct=0.5, class_uniform_tile=8, centroid_dir=str(tmp_path))
+    ds = build_dataset(c, "train", True)
+    inside, row7 = EXPECTED[order]
+    want = np.array([inside] * 7 + [row7], np.uint8)
+    np.testing.assert_array_equal(ds.load_mask(6), want)
+    want_centroids = np.array([CENTROID_ROWS[order]] * 8, np.uint8) if order in CENTROID_ROWS else want
+    np.testing.assert_array_equal(ds.centroid_mask(6), want_centroids)
+    # the coarse centroids (boost classes car, truck, bus) come from that mask: the original's include the bus
+    # and the low-probability car that training never sees labelled; ours only the truck
+    coarse = {k for k in range(19) if (ds.uniform.centroids[k][:, 0] == 6).any()}
+    assert coarse == ({13, 14, 15} if order == "original" else {14})
+
+
+def test_autolabel_order_is_checked():
+    with pytest.raises(ConfigError, match=r"data.autolabel_order: expected one of \['original', 'threshold_first'\]"):
+        load_config(None, ["data.autolabel_order=human_last"])
 
 
 def test_autolabels_written_flat_by_eval(root, tmp_path):
@@ -141,3 +207,25 @@ def test_prepare_cityscapes_script(root, tmp_path, capsys):
     assert "lindau_000001_000019_gtFine_labelIds.png" in capsys.readouterr().out
     assert check([str(tmp_path / "nowhere")]) == 1
     assert "Cityscapes folder not found" in capsys.readouterr().out
+
+
+SOTA = os.path.join(REPO, "configs", "cityscapes", "hmsa_ocrnet_hrnet_w48_1024x2048_sota.yaml")
+
+
+def test_sota_recipe_uses_coarse_crops_in_every_epoch(root, tmp_path):
+    """The published SOTA run drew class-uniform crops of the boost classes from fine + coarse centroids in all
+    175 epochs (its max_cu_epoch switch-off was a no-op); data.max_cu_epoch=150 switches them off as intended."""
+    small = [f"data.root={root}", "data.class_uniform_tile=16", f"data.centroid_dir={tmp_path}", "data.num_workers=0"]
+    cfg = load_config(SOTA, small)
+    ds = build_dataset(cfg.data, "train", train=True)
+    boost = set(cfg.data.coarse_boost_classes)
+    with_coarse = {c for c in range(19) if (ds.uniform.centroids[c][:, 0] >= ds.num_main).any()}
+    assert with_coarse and with_coarse <= boost  # car and bus of the autolabels; road (not boosted) has none
+    assert all(ds.extra_active(epoch) for epoch in range(cfg.train.max_epoch))
+    last = cfg.train.max_epoch - 1
+    for c in with_coarse:  # the last epoch still draws them from the fine and coarse centroids together
+        assert len(ds.uniform.pool(c, ds.extra_active(last))) == len(ds.uniform.centroids[c])
+    intended = build_dataset(load_config(SOTA, small + ["data.max_cu_epoch=150"]).data, "train", train=True)
+    assert intended.extra_active(149) and not intended.extra_active(150)
+    late = [intended.uniform.pool(c, intended.extra_active(150)) for c in with_coarse]
+    assert not any((rows[:, 0] >= intended.num_main).any() for rows in late)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import runpy
 
@@ -14,6 +15,7 @@ from PIL import Image
 from datasets import DataError, DataNotFoundError, build_dataset, build_loader
 from datasets.custom import colors_to_ids, read_class_list
 from utils.config import DataConfig
+from utils.video import VideoReader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = [
@@ -49,7 +51,7 @@ def mapillary(tmp_path_factory) -> str:
 
 
 def mvd_cfg(root: str, **kw) -> DataConfig:
-    return DataConfig(dataset="mapillary", root=root, generate=False, num_workers=0, crop_size=(24, 24), **kw)
+    return DataConfig(dataset="mapillary", root=root, num_workers=0, crop_size=(24, 24), **kw)
 
 
 def test_mapillary_classes_and_labels(mapillary):
@@ -114,7 +116,7 @@ def custom(tmp_path) -> tuple[str, str]:
 
 def test_custom_dataset_trains_from_a_config(custom):
     root, classes = custom
-    cfg = DataConfig(dataset="custom", root=root, classes=classes, generate=False, num_workers=0, crop_size=(16, 16),
+    cfg = DataConfig(dataset="custom", root=root, classes=classes, num_workers=0, crop_size=(16, 16),
                      batch_size=2)
     train = build_dataset(cfg, "train", train=True)
     assert (train.num_classes, train.ignore_index, train.class_names) == (3, 255, ["background", "road", "car"])
@@ -129,7 +131,7 @@ def test_custom_dataset_trains_from_a_config(custom):
 
 def test_custom_dataset_errors(custom, tmp_path):
     root, classes = custom
-    cfg = DataConfig(dataset="custom", root=root, classes=classes, generate=False, num_workers=0)
+    cfg = DataConfig(dataset="custom", root=root, classes=classes, num_workers=0)
     bad = os.path.join(root, "masks/val/a/p0.png")
     m = np.zeros((30, 40), np.uint8)
     m[0, 0] = 8
@@ -153,7 +155,7 @@ def test_folder_dataset(tmp_path):
     for i, (h, w) in enumerate([(20, 30), (24, 16)]):
         cv2.imwrite(str(tmp_path / f"x{i}.png"), np.full((h, w, 3), 9 * i, np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
-    cfg = DataConfig(dataset="folder", root=str(tmp_path), generate=False, num_workers=0, val_batch_size=1)
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, val_batch_size=1)
     ds = build_dataset(cfg, "val", train=False)
     assert len(ds) == 2 and ds.num_classes == 19 and set(ds[1]) == {"image", "name"} and ds[1]["image"].shape == (3, 24, 16)
     assert ds.label_map.id_to_train[26] == 13  # predictions can be written back as Cityscapes label ids
@@ -166,6 +168,25 @@ def test_folder_dataset(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(DataNotFoundError, match="no images.*empty"):
         build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "empty")), "val", False)
+
+
+def test_folder_unreadable_image_is_an_error_or_skipped(tmp_path, caplog):
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"x{i}.png"), np.full((20, 30, 3), 40 * i, np.uint8))
+    bad = tmp_path / "x1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: the header survives, the pixels do not
+    before = bad.read_bytes()
+    strict = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
+    assert [s.name for s in strict.samples] == ["x0", "x1", "x2"]
+    with pytest.raises(DataError, match=rf"^cannot decode image \(corrupt, truncated or not an image\): {bad}$"):
+        strict[1]
+    skipping = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, skip_bad=True), "folder",
+                             False)
+    with caplog.at_level("WARNING", logger="datasets.base"):
+        assert [skipping[i]["name"] for i in range(3)] == ["x0", "x2", "x2"]  # x1 logged, the next image stands in
+    assert [r.getMessage() for r in caplog.records] == [f"skipping unreadable sample 1: cannot decode image (corrupt, "
+                                                        f"truncated or not an image): {bad}"]
+    assert bad.read_bytes() == before
 
 
 def test_colors_to_ids():
@@ -212,3 +233,30 @@ def test_prepare_mapillary_script(mapillary, tmp_path, capsys):
     assert check([str(broken)]) == 1
     out = capsys.readouterr().out
     assert "training/labels/a.png" in out and "validation" in out
+
+
+def write_avi(path, frames: int) -> None:
+    # MJPG in AVI: the frame count is in the header and each frame stands alone, so a cut file still opens.
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (48, 64, 3), np.uint8))
+    writer.release()
+
+
+def test_truncated_video_ends_with_a_warning_counting_the_frames(tmp_path, caplog):
+    whole = tmp_path / "whole.avi"
+    write_avi(whole, 10)
+    with caplog.at_level(logging.WARNING, logger="utils.video"):
+        reader = VideoReader(str(whole))
+        assert reader.frame_count == 10 and len(list(reader)) == 10 and reader.frames_read == 10
+    assert caplog.records == []  # a complete video ends quietly
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="utils.video"):
+        reader = VideoReader(str(cut))
+        frames = list(reader)
+    assert reader.frame_count == 10 and 0 < len(frames) < 10 and reader.frames_read == len(frames)
+    [record] = caplog.records
+    assert record.getMessage() == (f"video {cut} ended after {len(frames)} of the 10 frames its container announces: "
+                                   "the file is truncated or damaged (the frames read were processed)")

@@ -34,12 +34,12 @@ def test_centroid_moves_onto_its_class():
 
 
 class Masks:
-    """A stand-in dataset: masks from files, as SegmentationDataset.load_mask reads them."""
+    """A stand-in dataset: masks from files, as SegmentationDataset.centroid_mask reads them."""
 
     def __init__(self, paths):
         self.samples = [type("S", (), {"mask": p})() for p in paths]
 
-    def load_mask(self, index):
+    def centroid_mask(self, index):
         return cv2.imread(self.samples[index].mask, cv2.IMREAD_UNCHANGED)
 
 
@@ -102,7 +102,7 @@ def synth(tmp_path_factory):
 
 
 def test_class_centred_crops_contain_their_class(synth, tmp_path):
-    cfg = DataConfig(root=synth, generate=False, class_uniform_pct=1.0, class_uniform_tile=32,
+    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=1.0, class_uniform_tile=32,
                      centroid_dir=str(tmp_path), crop_size=(24, 24), scale_min=1.0, scale_max=1.0, num_workers=0,
                      batch_size=2)
     ds = build_dataset(cfg, "train", train=True)
@@ -118,7 +118,7 @@ def test_class_centred_crops_contain_their_class(synth, tmp_path):
 
 
 def test_every_rank_draws_the_same_epoch(synth, tmp_path):
-    cfg = DataConfig(root=synth, generate=False, class_uniform_pct=0.5, class_uniform_tile=32,
+    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=0.5, class_uniform_tile=32,
                      centroid_dir=str(tmp_path), num_workers=0)
     ds = build_dataset(cfg, "train", train=True)
     ranks = [list(TrainSampler(ds, seed=4, rank=r, world_size=3)) for r in range(3)]
@@ -126,3 +126,21 @@ def test_every_rank_draws_the_same_epoch(synth, tmp_path):
     merged = [ranks[p % 3][p // 3] for p in range(12)]
     assert [(m.index, m.centroid) for m in merged] == items
     assert [m.seed for m in merged] == seeds.tolist()
+
+
+def test_boost_class_draws_from_its_fine_and_coarse_centroids_alike():
+    """The original's epoch (Cityscapes with coarse data): the random part from the main images only; each class's
+    class-centred part uniformly from its centroid list, which for a boost class holds the fine and the coarse
+    centroids together. Here n = 10 main images, pct 0.6, 2 classes: int(10 * 0.6 / 2) = 3 per class, 4 random."""
+    fine_a, coarse_a = [[1, 5, 5]], [[10, 1, 1], [11, 2, 2]]  # class 0 (boost): 1 fine + 2 coarse centroids
+    fine_b = [[2, 3, 3], [3, 4, 4], [4, 6, 6]]  # class 1: fine only
+    cu = ClassUniform({0: fine_a + coarse_a, 1: fine_b}, 2, pct=0.6, num_main=10)
+    for seed in range(5):
+        items = cu.build_epoch(np.random.default_rng(seed), include_extra=True)
+        random_part = [i for i, c in items if c is None]
+        centred = sorted([i, *c] for i, c in items if c is not None)
+        assert len(items) == 10 and len(random_part) == 4 == len(set(random_part))
+        assert all(0 <= i < 10 for i in random_part)
+        assert centred == sorted(fine_a + coarse_a + fine_b)  # 3 draws = one pass over each 3-centroid list
+        fine_only = cu.build_epoch(np.random.default_rng(seed), include_extra=False)
+        assert sorted([i, *c] for i, c in fine_only if c is not None) == sorted(fine_a * 3 + fine_b)

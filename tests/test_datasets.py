@@ -15,9 +15,11 @@ from datasets import DataError, DataNotFoundError, SampleRef, build_dataset, bui
 from datasets.base import LabelMap, read_image
 from datasets.cityscapes import CityscapesDataset, cv_cities, label_map
 from datasets.sampler import ShardSampler, TrainSampler
-from datasets.synthetic import MARKER, generate_synthetic_cityscapes, synthetic_scene
+from datasets.synthetic import MANIFEST, MARKER, generate_synthetic_cityscapes, synthetic_scene
 from transforms import build_transforms
-from utils.config import DataConfig, SyntheticConfig
+from utils.config import DataConfig, SyntheticConfig, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCENE_IDS = {0, 1, 7, 8, 11, 17, 20, 21, 23, 24, 26}
 
@@ -29,7 +31,7 @@ def synth(tmp_path_factory) -> str:
 
 
 def data_cfg(root: str, **kw) -> DataConfig:
-    base = dict(root=root, generate=False, crop_size=(32, 40), batch_size=2, val_batch_size=2, num_workers=0)
+    base = dict(dataset="cityscapes", root=root, crop_size=(32, 40), batch_size=2, val_batch_size=2, num_workers=0)
     base.update(kw)
     return DataConfig(**base)
 
@@ -38,6 +40,22 @@ def copy_tree(src: str, dst) -> str:
     dst = str(dst)
     shutil.copytree(src, dst)
     return dst
+
+
+def snapshot(root) -> dict[str, bytes | None]:
+    """Every file (its bytes), link (its target) and folder (None) under `root`, by relative path."""
+    out: dict[str, bytes | None] = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(d, name), root) + "/"] = None
+        for name in files:
+            path = os.path.join(d, name)
+            if os.path.islink(path):
+                out[os.path.relpath(path, root)] = b"link to " + os.readlink(path).encode()
+                continue
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- synthetic
@@ -93,18 +111,124 @@ def test_synthetic_generation_is_idempotent_and_atomic(tmp_path):
     os.makedirs(str(tmp_path / ".t.partial-xyz" / "leftImg8bit"))
     generate_synthetic_cityscapes(str(tmp_path / "t"), 1, 1, 32, 48, 0)
     assert sorted(p for p in os.listdir(tmp_path) if "partial" in p) == []
-    # A folder without the marker is not ours: never overwritten.
-    os.makedirs(str(tmp_path / "mine"))
-    with pytest.raises(FileExistsError, match="mine"):
-        generate_synthetic_cityscapes(str(tmp_path / "mine"), 1, 1, 32, 48, 0)
+    # An empty folder is filled; one holding anything without the marker is not ours: never touched.
+    os.makedirs(str(tmp_path / "empty"))
+    generate_synthetic_cityscapes(str(tmp_path / "empty"), 1, 1, 32, 48, 0)
+    assert os.path.isfile(str(tmp_path / "empty" / MARKER))
+    mine = tmp_path / "mine"
+    os.makedirs(mine / "leftImg8bit")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"mine exists and is not a generated dataset .*data.dataset=cityscapes"):
+        generate_synthetic_cityscapes(str(mine), 1, 1, 32, 48, 0)
+    assert snapshot(mine) == {"leftImg8bit/": None, "notes.txt": b"mine"}
+    with pytest.raises(DataError, match=r"num_train.*data.synthetic"):
+        generate_synthetic_cityscapes(str(tmp_path / "u"), 0, 1, 32, 48, 0)
+
+
+def test_synthetic_manifest_lists_every_written_file(tmp_path):
+    root = generate_synthetic_cityscapes(str(tmp_path / "s"), 2, 1, 32, 48, 0)
+    written = json.load(open(os.path.join(root, MANIFEST)))
+    files = {k for k, v in snapshot(root).items() if v is not None}
+    assert files == set(written) | {MARKER, MANIFEST} and len(written) == 6  # 3 images + 3 label maps
+    import hashlib
+
+    assert all(hashlib.sha256(snapshot(root)[k]).hexdigest() == v for k, v in written.items())
+
+
+def test_regeneration_removes_only_the_generated_files(tmp_path):
+    root = str(tmp_path / "s")
+    generate_synthetic_cityscapes(root, 7, 2, 32, 48, 0)  # 7 train images: all six train cities, aachen twice
+    generate_synthetic_cityscapes(root, 2, 1, 32, 48, 1)
+    after = snapshot(root)
+    assert sorted(k for k in after if k.startswith("leftImg8bit/train/") and after[k] is not None) == [
+        "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png",
+        "leftImg8bit/train/bochum/bochum_000001_000019_leftImg8bit.png",
+    ]
+    assert "leftImg8bit/train/bremen/" not in after  # the old run's folders went with its files
+    assert json.load(open(os.path.join(root, MARKER)))["seed"] == 1
+    assert sorted(p for p in os.listdir(tmp_path) if "partial" in p) == []
+
+
+@pytest.mark.parametrize("intruder", ["file", "changed", "folder", "link"])
+def test_regeneration_refuses_when_the_folder_holds_other_files(tmp_path, intruder):
+    root = generate_synthetic_cityscapes(str(tmp_path / "s"), 2, 1, 32, 48, 0)
+    city = os.path.join(root, "leftImg8bit", "train", "aachen")
+    if intruder == "file":
+        rel = "leftImg8bit/train/aachen/my_photo.png"
+        open(os.path.join(root, rel), "wb").write(b"user data")
+    elif intruder == "changed":
+        rel = "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png"
+        cv2.imwrite(os.path.join(root, rel), np.zeros((32, 48, 3), np.uint8))  # the user's own image, same name
+    elif intruder == "folder":
+        rel = "autolabelled/"
+        os.makedirs(os.path.join(root, "autolabelled"))
+    else:
+        rel = "leftImg8bit/train/aachen/link.png"
+        os.symlink(str(tmp_path / "elsewhere.png"), os.path.join(city, "link.png"))
+    before = snapshot(root)
+    with pytest.raises(DataError, match=rf"holds 1 file\(s\) the synthetic generator did not write .*\({rel}\).*"
+                                        r"move them out of that folder, or set data.root to a new folder"):
+        generate_synthetic_cityscapes(root, 3, 1, 32, 48, 0)
+    assert snapshot(root) == before  # nothing changed or deleted
+    # The same parameters still reuse the folder as it is.
+    assert generate_synthetic_cityscapes(root, 2, 1, 32, 48, 0) == root and snapshot(root) == before
+
+
+def test_regeneration_of_a_folder_without_manifest_is_refused(tmp_path):
+    root = generate_synthetic_cityscapes(str(tmp_path / "s"), 2, 1, 32, 48, 0)
+    os.remove(os.path.join(root, MANIFEST))  # as an earlier version wrote it
+    before = snapshot(root)
+    with pytest.raises(DataError, match="earlier version that did not record its files.*delete that folder yourself"):
+        generate_synthetic_cityscapes(root, 3, 1, 32, 48, 0)
+    assert snapshot(root) == before
+
+
+def test_interrupted_replacement_is_finished_by_the_next_run(tmp_path):
+    root = generate_synthetic_cityscapes(str(tmp_path / "s"), 2, 1, 32, 48, 0)
+    # Stopped part-way through removing the old files: marker gone, some files gone, manifest kept.
+    os.remove(os.path.join(root, MARKER))
+    os.remove(os.path.join(root, "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"))
+    generate_synthetic_cityscapes(root, 1, 1, 32, 48, 0)
+    assert json.load(open(os.path.join(root, MARKER)))["num_train"] == 1
+    assert len(json.load(open(os.path.join(root, MANIFEST)))) == 4
 
 
 def test_build_dataset_generates_on_first_use(tmp_path):
     root = str(tmp_path / "gen")
-    cfg = data_cfg(root, generate=True, synthetic=SyntheticConfig(num_train=3, num_val=2, height=32, width=64))
+    cfg = data_cfg(root, dataset="synthetic", synthetic=SyntheticConfig(num_train=3, num_val=2, height=32, width=64))
     ds = build_dataset(cfg, "val", train=False)
-    assert len(ds) == 2 and os.path.isfile(os.path.join(root, MARKER))
+    assert len(ds) == 2 and os.path.isfile(os.path.join(root, MARKER)) and ds.num_classes == 19
     assert len(build_dataset(cfg, "train", train=True)) == 3
+    # The folder is also an ordinary Cityscapes folder.
+    assert [s.name for s in build_dataset(data_cfg(root), "val", False).samples] == [s.name for s in ds.samples]
+
+
+def test_the_demo_uses_the_synthetic_dataset():
+    assert DataConfig().dataset == "synthetic"
+    demo = load_config(os.path.join(REPO, "configs", "demo", "default.yaml")).data
+    assert (demo.dataset, demo.root) == ("synthetic", "data/synthetic_cityscapes")
+    for name in ("cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048.yaml", "cityscapes/eval_hmsa_ocrnet_hrnet_w48.yaml"):
+        assert load_config(os.path.join(REPO, "configs", name)).data.dataset == "cityscapes"
+
+
+def test_cityscapes_with_a_missing_root_is_an_error_not_a_generation(tmp_path):
+    root = tmp_path / "cityscapes"
+    with pytest.raises(DataNotFoundError, match=rf"Cityscapes folder not found: data.root={root}: download .*"
+                                                rf"prepare_cityscapes.py {root}; .*data.dataset=synthetic"):
+        build_dataset(data_cfg(str(root)), "train", True)
+    assert not root.exists() and os.listdir(tmp_path) == []
+    with pytest.raises(DataError):  # the one class for expected data failures
+        build_dataset(data_cfg(str(root)), "val", False)
+
+
+def test_synthetic_on_a_downloaded_folder_is_refused(synth, tmp_path):
+    root = copy_tree(synth, tmp_path / "real")
+    os.remove(os.path.join(root, MARKER))
+    os.remove(os.path.join(root, MANIFEST))
+    before = snapshot(root)
+    with pytest.raises(DataError, match="not a generated dataset.*use data.dataset=cityscapes"):
+        build_dataset(data_cfg(root, dataset="synthetic"), "train", True)
+    assert snapshot(root) == before
 
 
 # ----------------------------------------------------------------------------------------------- cityscapes
@@ -295,6 +419,18 @@ def test_corrupt_image_names_the_path(synth, tmp_path):
         read_image(path)
     skipping = build_dataset(data_cfg(root, skip_bad=True), "val", False)
     assert skipping[1]["name"] == skipping.samples[2].name  # logged and replaced by the next sample
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_raises_a_workers_data_error_with_its_own_message(synth, tmp_path, workers):
+    root = copy_tree(synth, tmp_path / "w")
+    cfg = data_cfg(root, num_workers=workers, val_batch_size=1)
+    ds = build_dataset(cfg, "val", False)
+    path = ds.samples[2].image
+    open(path, "wb").write(b"not an image")
+    with pytest.raises(DataError) as e:
+        list(build_loader(ds, cfg, train=False))
+    assert str(e.value) == f"cannot decode image (corrupt, truncated or not an image): {path}"  # no traceback text
 
 
 def test_mask_size_and_label_values(synth, tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 
@@ -120,10 +121,11 @@ class Toy(MscaleBase):
         super().__init__()
         self.cls = nn.Conv2d(3, 4, 3, padding=1)
         self.att = nn.Conv2d(3, 1, 3, padding=1)
+        self.scale_attn = nn.Sequential(self.att, nn.Sigmoid())
         self.lo_scale = 0.5
 
-    def single_forward(self, x):
-        return {"pred": self.cls(x), "attn": torch.sigmoid(self.att(x)), "aux": self.cls(x) * 2}
+    def single_features(self, x):
+        return {"pred": self.cls(x), "aux": self.cls(x) * 2}, x
 
 
 def up(t, size):
@@ -192,3 +194,139 @@ def test_imagenet_resnet_file_loads_into_the_trunk(tmp_path):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match=r"broken\.pth.*\n.*layer1\.0\.conv1\.weight"):
         load_trunk_weights(dst, str(tmp_path / "broken.pth"))
+
+
+# ------------------------------------------------------------------------ attention-head BatchNorm statistics
+
+# Tiny widths of every registered multi-scale model (a new one must be added here: the test below says so).
+TINY_MSCALE = {
+    "hmsa_deeplabv3plus": {"trunk": "resnet10t", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16, "attn_ch": 16},
+    "hmsa_ocrnet_hrnet_w48": {"trunk": "hrnet_w18_small", "mid_ch": 16, "key_ch": 8, "attn_ch": 16},
+}
+MOMENTUM = 0.1  # every BatchNorm of the original (BN_MOMENTUM, torch's default)
+
+
+def test_every_multiscale_model_is_covered():
+    for name in network.list_models():
+        is_mscale = "attn_bn_stats" in network.model_options(name)
+        assert is_mscale == (name in TINY_MSCALE), name
+    for name, opts in TINY_MSCALE.items():
+        assert isinstance(network.build_model(name, 3, **opts), MscaleBase)
+
+
+def original_fwd(model, x):
+    """The original's `_fwd` written out per architecture: logits, [aux,] and the attention, all computed."""
+    if hasattr(model, "heads"):  # HRNet-OCR: the head reads the OCR features
+        logits, aux, feats = model.heads(x)
+    else:  # DeepLabV3+: the head reads the decoder concat
+        logits, feats = model.decode(x)
+    return logits, model.scale_attn(feats)
+
+
+def record_bn_inputs(model):
+    """{BN name: [input of each call, in order]} filled while the model runs."""
+    seen = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            seen[name] = []
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach().double()))
+    return seen
+
+
+def expected_running_stats(inputs):
+    """torch's (and the original's) update, in float64: r <- (1 - m) r + m stat, from r_mean = 0, r_var = 1,
+    with the batch mean and the unbiased batch variance over (N, H, W)."""
+    mean, var = 0.0, 1.0
+    for t in inputs:
+        mean = (1 - MOMENTUM) * mean + MOMENTUM * t.mean(dim=(0, 2, 3))
+        var = (1 - MOMENTUM) * var + MOMENTUM * t.var(dim=(0, 2, 3), unbiased=True)
+    return mean, var
+
+
+def train_step(model, x, seed=1):
+    torch.manual_seed(seed)  # the same dropout draws in every model
+    out = model(x)
+    loss = out["pred"].square().mean() + out.get("aux", out["pred"]).mean()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    return out, grads
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+def test_training_step_bn_statistics_match_the_originals_two_scale_forward(name):
+    """attn_bn_stats='both' (the default): after one training step every BatchNorm, the attention head's
+    included, holds the running statistics of the original's two-scale forward: the whole 0.5x `_fwd`, then
+    the whole 1.0x `_fwd` with its (unused) attention."""
+    torch.manual_seed(0)
+    model = network.build_model(name, 5, **TINY_MSCALE[name]).train()
+    assert model.attn_bn_stats == "both"
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 48, 40)
+    train_step(model, x)
+
+    seen = record_bn_inputs(ref)
+    torch.manual_seed(1)  # HRNet-OCR's head reads features after Dropout2d: the same draws as the step
+    with torch.no_grad():
+        original_fwd(ref, F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False,
+                                        recompute_scale_factor=True))
+        original_fwd(ref, x)
+    bns = {k: m for k, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    ref_bns = dict(ref.named_modules())
+    assert any(k.startswith("scale_attn.") for k in bns) and set(bns) == set(seen)
+    for k, bn in bns.items():
+        assert len(seen[k]) == 2, k  # 0.5x, then 1.0x
+        assert bn.num_batches_tracked == 2, k
+        # the same nn.BatchNorm2d arithmetic run in the original's order: bit-equal
+        assert torch.equal(bn.running_mean, ref_bns[k].running_mean), k
+        assert torch.equal(bn.running_var, ref_bns[k].running_var), k
+        # the formula in float64; fp32 rounding of a mean/variance over <= 2*48*40 values and two momentum
+        # updates stays below 1e-6 relative, while a missing or reordered pass moves a statistic by
+        # 0.01-0.1 of the difference between the two scales' batch statistics (checked for the head below)
+        mean, var = expected_running_stats(seen[k])
+        torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-5, atol=1e-6, msg=k)
+    for k in ("scale_attn.bn0", "scale_attn.bn1"):
+        swapped, _ = expected_running_stats(seen[k][::-1])
+        low_only, _ = expected_running_stats(seen[k][:1])
+        for wrong in (swapped, low_only):
+            assert not torch.allclose(bns[k].running_mean.double(), wrong, rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+def test_attn_bn_stats_changes_only_the_heads_running_statistics(name):
+    """'both' and 'low' give bit-identical outputs and gradients; only the attention head's running statistics
+    differ, 'low' holding those of the 0.5x pass alone."""
+    models = []
+    for mode in ("both", "low"):
+        torch.manual_seed(0)
+        models.append(network.build_model(name, 5, **TINY_MSCALE[name], attn_bn_stats=mode).train())
+    ref = copy.deepcopy(models[1])
+    x = torch.randn(2, 3, 48, 40)
+    (out_both, g_both), (out_low, g_low) = (train_step(m, x) for m in models)
+    assert out_both.keys() == out_low.keys()
+    for key in out_both:
+        assert torch.equal(out_both[key], out_low[key]), key
+    assert g_both.keys() == g_low.keys() == {k for k, p in models[0].named_parameters()}
+    for key in g_both:
+        assert torch.equal(g_both[key], g_low[key]), key
+    buffers = [dict(m.named_buffers()) for m in models]
+    differ = {k for k in buffers[0] if not torch.equal(buffers[0][k], buffers[1][k])}
+    assert differ and all(k.startswith("scale_attn.") for k in differ)
+    assert buffers[1]["scale_attn.bn0.num_batches_tracked"] == 1
+    seen = record_bn_inputs(ref.scale_attn)
+    torch.manual_seed(1)  # HRNet-OCR's head reads features after Dropout2d: the same draws as the step
+    with torch.no_grad():
+        original_fwd(ref, F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False,
+                                        recompute_scale_factor=True))
+    for k in ("bn0", "bn1"):
+        mean, var = expected_running_stats(seen[k])
+        torch.testing.assert_close(buffers[1][f"scale_attn.{k}.running_mean"].double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(buffers[1][f"scale_attn.{k}.running_var"].double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_attn_bn_stats_option_is_checked():
+    with pytest.raises(ValueError, match="attn_bn_stats must be one of both, low, got 'high'"):
+        network.build_model("hmsa_deeplabv3plus", 3, **TINY_MSCALE["hmsa_deeplabv3plus"], attn_bn_stats="high")

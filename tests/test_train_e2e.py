@@ -103,5 +103,6 @@ def test_non_finite_loss_stops_training_with_the_iteration(tmp_path, monkeypatch
         return call
 
     monkeypatch.setattr(train_script, "build_criterion", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 1"):
+    with pytest.raises(SystemExit, match="non-finite loss at iteration 1") as e:
         train_script.main(overrides(tmp_path, max_iter=2))
+    assert e.value.code == 2

@@ -49,11 +49,12 @@ def assert_aligned(image: np.ndarray, mask: np.ndarray, tol: int = 40, size: int
     return int(uniform.sum())
 
 
+@pytest.mark.parametrize("options", [("pil", "original"), ("opencv", "uniform"), ("opencv", "original")])
 @pytest.mark.parametrize("scale", [(0.5, 0.5), (1.0, 1.0), (2.0, 2.0), (0.4, 2.5)])
 @pytest.mark.parametrize("seed", range(4))
-def test_scale_crop_keeps_image_and_mask_aligned(scale, seed):
+def test_scale_crop_keeps_image_and_mask_aligned(scale, seed, options):
     image, mask = blocks(seed=seed)
-    t = RandomScaleCrop((48, 64), scale[0], scale[1], ignore_index=IGNORE)
+    t = RandomScaleCrop((48, 64), scale[0], scale[1], ignore_index=IGNORE, resample=options[0], placement=options[1])
     out, out_mask = t(image, mask, np.random.default_rng(seed))
     assert out.shape == (48, 64, 3) and out.dtype == np.uint8
     assert out_mask.shape == (48, 64) and out_mask.dtype == np.uint8
@@ -61,12 +62,13 @@ def test_scale_crop_keeps_image_and_mask_aligned(scale, seed):
     assert assert_aligned(out, out_mask, size=3 if scale[0] >= 1 else 5) > 500
 
 
-def test_scale_crop_equals_resize_then_crop():
-    """Scale 2 with no padding: the mask is exactly the nearest-resized mask's window, the image the bicubic one."""
+def test_scale_crop_equals_resize_then_crop_opencv():
+    """resample=opencv, scale 2 with no padding: the mask is exactly the nearest-resized mask's window, the image
+    the bicubic one up to a sub-pixel shift. (resample=pil is bit-exact: tests/test_transforms_pil.py.)"""
     image, mask = blocks()
-    t = RandomScaleCrop((40, 50), 2.0, 2.0, ignore_index=IGNORE)
+    t = RandomScaleCrop((40, 50), 2.0, 2.0, ignore_index=IGNORE, resample="opencv", placement="uniform")
     out, out_mask = t(image, mask, np.random.default_rng(3))
-    big_mask = cv2.resize(mask, (180, 120), interpolation=cv2.INTER_NEAREST)
+    big_mask = cv2.resize(mask, (180, 120), interpolation=cv2.INTER_NEAREST_EXACT)
     big = cv2.resize(image, (180, 120), interpolation=cv2.INTER_CUBIC)
     hits = [(y, x) for y in range(120 - 40 + 1) for x in range(180 - 50 + 1)
             if np.array_equal(big_mask[y : y + 40, x : x + 50], out_mask)]
@@ -98,7 +100,8 @@ def test_pre_size_scales_the_long_edge():
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_crop_contains_the_centroid(seed):
+def test_uniform_crop_contains_the_centroid(seed):
+    """placement=uniform (ours) always keeps the centroid; the original's placement may not (test_transforms_pil)."""
     rng = np.random.default_rng(seed)
     h, w = 80, 120
     mask = np.zeros((h, w), np.uint8)
@@ -106,7 +109,7 @@ def test_crop_contains_the_centroid(seed):
     mask[max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3] = 5  # a 5x5 blob survives a 0.5 nearest downscale
     image = COLORS[mask]
     crop = (int(rng.integers(16, 100)), int(rng.integers(16, 140)))
-    t = RandomScaleCrop(crop, 0.5, 2.0, ignore_index=IGNORE)
+    t = RandomScaleCrop(crop, 0.5, 2.0, ignore_index=IGNORE, placement="uniform")
     _, out_mask = t(image, mask, rng, centroid=(cx, cy))
     assert (out_mask == 5).any(), f"centroid {(cx, cy)} lost with crop {crop}"
 
@@ -127,9 +130,10 @@ def test_flip_rate_is_about_half():
     assert 150 < flips < 250
 
 
-def test_resize_long_edge():
+@pytest.mark.parametrize("resample", ["pil", "opencv"])
+def test_resize_long_edge(resample):
     image, mask = blocks(60, 90)
-    out, out_mask = ResizeLongEdge(45)(image, mask)
+    out, out_mask = ResizeLongEdge(45, resample=resample)(image, mask)
     assert out.shape == (30, 45, 3) and out_mask.shape == (30, 45)
     assert_aligned(out, out_mask, tol=40)
     _, native = ResizeLongEdge(45, resize_mask=False)(image, mask)

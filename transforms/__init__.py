@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .joint import HorizontalFlip, RandomScaleCrop, ResizeLongEdge
+from .joint import CenterCropPad, HorizontalFlip, RandomScaleCrop, ResizeHeight, ResizeLongEdge
 from .photometric import IMAGENET_MEAN, IMAGENET_STD, BilateralBlur, ColorJitter, GaussianBlur, Normalize
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "RandomScaleCrop",
     "HorizontalFlip",
     "ResizeLongEdge",
+    "ResizeHeight",
+    "CenterCropPad",
     "ColorJitter",
     "GaussianBlur",
     "BilateralBlur",
@@ -56,19 +58,30 @@ class SegTransform:
 
 
 def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
-    """The pipeline of REFERENCE.md 5.3 from a DataConfig.
+    """The original's pipeline from a DataConfig.
 
     Train: random scale + crop (+ pre_size), flip, [RandAugment], colour jitter, bilateral or Gaussian blur,
     normalisation. Val: normalisation only, or a long-edge resize to `eval_size` (else `pre_size`) when set
-    (Mapillary evaluates at long edge 2177).
+    (Mapillary evaluates at long edge 2177); with `map_crop_val`, a resize of the height to that size and the
+    original's CenterCropPad instead. `resample` picks Pillow's (the original's) or OpenCV's resizing,
+    `crop_placement` the original's or our uniform crop placement.
     """
+    resample = cfg.resample
     if not train:
         joint = []
         eval_size = cfg.eval_size or cfg.pre_size
-        if eval_size > 0:
-            joint.append(ResizeLongEdge(eval_size, resize_mask=not cfg.eval_native_labels))
+        if cfg.map_crop_val:
+            if eval_size <= 0:
+                raise ValueError("data.map_crop_val needs data.eval_size (or data.pre_size) > 0: the crop size")
+            if cfg.eval_native_labels:
+                raise ValueError("data.map_crop_val crops the labels too: it cannot be combined with "
+                                 "data.eval_native_labels=true")
+            joint += [ResizeHeight(eval_size, resample), CenterCropPad(eval_size, ignore_index)]
+        elif eval_size > 0:
+            joint.append(ResizeLongEdge(eval_size, resize_mask=not cfg.eval_native_labels, resample=resample))
         return SegTransform(joint)
-    joint: list = [RandomScaleCrop(cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.pre_size, ignore_index)]
+    joint: list = [RandomScaleCrop(cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.pre_size, ignore_index,
+                                   resample=resample, placement=cfg.crop_placement)]
     if cfg.hflip:
         joint.append(HorizontalFlip(0.5))
     rand_augment = cfg.rand_augment

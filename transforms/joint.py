@@ -1,8 +1,11 @@
-"""Geometric transforms applied to the image and its mask together (OpenCV/numpy).
+"""Geometric transforms applied to the image and its mask together.
 
 Every joint transform is called as `t(image, mask, rng, centroid) -> (image, mask)`: image RGB uint8 [H,W,3],
-mask uint8 [H,W] or None, `rng` a numpy Generator, `centroid` an (x, y) pixel of the input that a crop must keep
-(or None). Images are interpolated bicubic, masks nearest; padding is 0 for images and the ignore value for masks.
+mask uint8 [H,W] or None, `rng` a numpy Generator, `centroid` an (x, y) pixel of the input that a crop should keep
+(or None). Masks are resized nearest; padding is 0 for images and the ignore value for masks.
+
+Resampling (`resample`): "pil" gives exactly the values of Pillow's resize, which the original pipeline used
+(antialiased BICUBIC/BILINEAR when downscaling); "opencv" uses cv2.resize (faster, aliased when downscaling).
 """
 from __future__ import annotations
 
@@ -10,6 +13,26 @@ import math
 
 import cv2
 import numpy as np
+
+from .resample import BICUBIC, BILINEAR, NEAREST, pil_resize, pil_resize_window
+
+RESAMPLE = ("pil", "opencv")
+PLACEMENT = ("original", "uniform")
+_CV2 = {BICUBIC: cv2.INTER_CUBIC, BILINEAR: cv2.INTER_LINEAR, NEAREST: cv2.INTER_NEAREST_EXACT}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], filter_: str, resample: str) -> np.ndarray:
+    """Whole-image resize to (width, height) with Pillow's or OpenCV's filter of that name."""
+    if resample == "pil":
+        return pil_resize(array, size, filter_)
+    # INTER_NEAREST_EXACT samples floor((x + 0.5) * in / out) like Pillow; INTER_NEAREST would lag half a pixel.
+    return cv2.resize(array, size, interpolation=_CV2[filter_])
 
 
 def _pad_value_mask(ignore_index: int) -> int:
@@ -41,12 +64,18 @@ def _scale_window(
 
 
 class RandomScaleCrop:
-    """Random scale s ~ U(scale_min, scale_max), then a crop_size (h, w) crop, padded when the image is smaller.
+    """Random scale s ~ U(scale_min, scale_max), resize to (int(w*s), int(h*s)) (image bicubic, mask nearest),
+    then a crop_size (h, w) crop; an axis smaller than the crop is padded (image 0, mask ignore).
 
-    With `pre_size` > 0 the scale is multiplied by pre_size / long edge first (Mapillary: long edge 2177).
-    Only the source region under the crop is resized (the result is the whole image's resize, cut out, up to a
-    sub-pixel shift). A smaller scaled image is placed at a random offset in the crop, the rest padded; a given
-    centroid is mapped through scale and padding and the crop contains it.
+    With `pre_size` > 0 the scale is multiplied by pre_size / long edge first. Only the source region under the
+    crop is resized; with resample="pil" the result is bit-identical to Pillow resizing the whole image.
+
+    placement="original" (the original's RandomCrop): an axis smaller than the crop is padded by
+    (crop - size) // 2 + 1 on both sides, so the image sits centred with at most 2 px of jitter, and the crop
+    start is uniform over the padded axis. With a centroid c (scaled to int(c * s), not shifted by that padding)
+    the start is randint(c - crop, c) clipped to [0, padded size - crop].
+    placement="uniform" (ours): a smaller image lands at a uniformly random offset in the crop, and a centroid,
+    mapped through scale and padding, is always inside the crop.
     """
 
     def __init__(
@@ -56,6 +85,8 @@ class RandomScaleCrop:
         scale_max: float = 2.0,
         pre_size: int = 0,
         ignore_index: int = 255,
+        resample: str = "pil",
+        placement: str = "original",
     ):
         if len(crop_size) != 2 or min(crop_size) < 1:
             raise ValueError(f"crop_size must be (height, width) with positive values, got {crop_size}")
@@ -65,16 +96,18 @@ class RandomScaleCrop:
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
         self.pre_size = int(pre_size)
         self.ignore_index = _pad_value_mask(ignore_index)
+        self.resample = _check_choice("resample", resample, RESAMPLE)
+        self.placement = _check_choice("crop placement", placement, PLACEMENT)
 
     def __repr__(self) -> str:
         return (
             f"RandomScaleCrop(crop=({self.crop_h}, {self.crop_w}), scale=[{self.scale_min}, {self.scale_max}], "
-            f"pre_size={self.pre_size})"
+            f"pre_size={self.pre_size}, resample={self.resample}, placement={self.placement})"
         )
 
     @staticmethod
     def _place(size: int, crop: int, c: int | None, rng: np.random.Generator) -> tuple[int, int]:
-        """(offset of the scaled image in the canvas, start of the crop in the canvas) along one axis."""
+        """Uniform placement: (offset of the scaled image in the canvas, start of the crop in the canvas)."""
         pad = max(crop - size, 0)
         offset = int(rng.integers(0, pad + 1))
         canvas = size + pad
@@ -84,32 +117,55 @@ class RandomScaleCrop:
         lo, hi = max(0, c - crop + 1), min(c, canvas - crop)
         return offset, int(rng.integers(lo, hi + 1))
 
+    @staticmethod
+    def _place_original(size: int, crop: int, c: int | None, rng: np.random.Generator) -> tuple[int, int]:
+        """The original's RandomCrop along one axis: (pad before the image, start of the crop in the canvas)."""
+        pad = (crop - size) // 2 + 1 if crop > size else 0
+        canvas = size + 2 * pad
+        if c is not None:
+            start = int(rng.integers(c - crop, c + 1))  # python's randint(c - crop, c): both ends included
+            return pad, min(canvas - crop, max(0, start))
+        return pad, (0 if canvas == crop else int(rng.integers(0, canvas - crop + 1)))
+
     def __call__(self, image, mask, rng, centroid=None):
         h, w = image.shape[:2]
         s = rng.uniform(self.scale_min, self.scale_max)
         if self.pre_size > 0:
             s *= self.pre_size / max(h, w)
         sw, sh = max(int(w * s), 1), max(int(h * s), 1)
-        sx, sy = sw / w, sh / h
-        cx = cy = None
-        if centroid is not None:
-            cx, cy = int(math.floor((centroid[0] + 0.5) * sx)), int(math.floor((centroid[1] + 0.5) * sy))
-        ox, x1 = self._place(sw, self.crop_w, cx, rng)
-        oy, y1 = self._place(sh, self.crop_h, cy, rng)
+        if self.placement == "original":
+            cx = cy = None
+            if centroid is not None:
+                cx, cy = int(centroid[0] * s), int(centroid[1] * s)
+            ox, x1 = self._place_original(sw, self.crop_w, cx, rng)
+            oy, y1 = self._place_original(sh, self.crop_h, cy, rng)
+        else:
+            sx, sy = sw / w, sh / h
+            cx = cy = None
+            if centroid is not None:
+                cx, cy = int(math.floor((centroid[0] + 0.5) * sx)), int(math.floor((centroid[1] + 0.5) * sy))
+            ox, x1 = self._place(sw, self.crop_w, cx, rng)
+            oy, y1 = self._place(sh, self.crop_h, cy, rng)
         # The crop covers the scaled image's [x1 - ox, x1 - ox + crop_w) x [...]; the part outside it is padding.
         x0, y0 = x1 - ox, y1 - oy
         xa, xb = max(x0, 0), min(x0 + self.crop_w, sw)
         ya, yb = max(y0, 0), min(y0 + self.crop_h, sh)
         shape = (self.crop_h, self.crop_w)
         out = np.zeros(shape + image.shape[2:], image.dtype)
-        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = _scale_window(image, sx, sy, xa, ya, xb - xa, yb - ya, cv2.INTER_CUBIC)
+        window = (xa, ya, xb - xa, yb - ya)
+        out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._window(image, (sw, sh), window, BICUBIC)
         if mask is None:
             return out, None
         out_mask = np.full(shape, self.ignore_index, mask.dtype)
-        # Nearest with pixel-centre alignment (INTER_NEAREST rounds down and would lag the bicubic image).
-        out_mask[ya - y0 : yb - y0, xa - x0 : xb - x0] = _scale_window(
-            mask, sx, sy, xa, ya, xb - xa, yb - ya, cv2.INTER_NEAREST_EXACT)
+        out_mask[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._window(mask, (sw, sh), window, NEAREST)
         return out, out_mask
+
+    def _window(self, array: np.ndarray, size: tuple[int, int], window: tuple[int, int, int, int], filter_: str):
+        if self.resample == "pil":
+            return pil_resize_window(array, size, window, filter_)
+        h, w = array.shape[:2]
+        x0, y0, n, m = window
+        return _scale_window(array, size[0] / w, size[1] / h, x0, y0, n, m, _CV2[filter_])
 
 
 class HorizontalFlip:
@@ -128,22 +184,84 @@ class HorizontalFlip:
 
 
 class ResizeLongEdge:
-    """Deterministic resize so that the long edge is `size` (bilinear image, nearest mask); evaluation pre_size."""
+    """Deterministic resize so that the long edge is `size` (bilinear image, nearest mask); evaluation pre_size.
 
-    def __init__(self, size: int, resize_mask: bool = True):
+    As the original's Scale: the other side becomes int(side * size / long edge) (3000x4000 -> 1632x2177), and an
+    image whose long edge already is `size` is left untouched.
+    """
+
+    def __init__(self, size: int, resize_mask: bool = True, resample: str = "pil"):
         self.size = int(size)
         self.resize_mask = resize_mask  # False: keep native-resolution labels (metrics at native resolution)
+        self.resample = _check_choice("resample", resample, RESAMPLE)
 
     def __repr__(self) -> str:
-        return f"ResizeLongEdge({self.size}, resize_mask={self.resize_mask})"
+        return f"ResizeLongEdge({self.size}, resize_mask={self.resize_mask}, resample={self.resample})"
 
     def __call__(self, image, mask, rng=None, centroid=None):
         h, w = image.shape[:2]
-        s = self.size / max(h, w)
-        if s == 1.0:
+        long_edge = w if w > h else h
+        if long_edge == self.size:
             return image, mask
-        size = (max(int(round(w * s)), 1), max(int(round(h * s)), 1))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        scale = self.size / long_edge
+        size = (max(int(w * scale), 1), max(int(h * scale), 1))
+        image = _resize(image, size, BILINEAR, self.resample)
         if mask is not None and self.resize_mask:
-            mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST_EXACT)
+            mask = _resize(mask, size, NEAREST, self.resample)
         return image, mask
+
+
+class ResizeHeight:
+    """Resize to height `size` and width int(w / h * size): image bicubic, mask nearest (the original's
+    ResizeHeight, the first half of its Mapillary --map_crop_val evaluation)."""
+
+    def __init__(self, size: int, resample: str = "pil"):
+        self.size = int(size)
+        self.resample = _check_choice("resample", resample, RESAMPLE)
+
+    def __repr__(self) -> str:
+        return f"ResizeHeight({self.size}, resample={self.resample})"
+
+    def __call__(self, image, mask, rng=None, centroid=None):
+        h, w = image.shape[:2]
+        size = (max(int(w / h * self.size), 1), self.size)
+        image = _resize(image, size, BICUBIC, self.resample)
+        return image, (None if mask is None else _resize(mask, size, NEAREST, self.resample))
+
+
+class CenterCropPad:
+    """The original's CenterCropPad(size): a size x size crop at ((w - size) / 2, (h - size) / 2), rounded half to
+    even, after padding a side shorter than `size` by the whole shortfall on both ends (image 0, mask ignore).
+
+    As in the original, the crop offset is computed from the unpadded size, so a short side ends up off-centre
+    (a 1632-wide image cropped to 2177 shows columns from -272 of the padded image on), and the part of the crop
+    outside the padded image is 0 in both image and mask, as PIL's crop fills it.
+    """
+
+    def __init__(self, size: int, ignore_index: int = 255):
+        self.size = int(size)
+        self.ignore_index = _pad_value_mask(ignore_index)
+
+    def __repr__(self) -> str:
+        return f"CenterCropPad({self.size})"
+
+    def _axis(self, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per output position: inside the padded canvas, inside the image, and the image index."""
+        pad = self.size - length if length < self.size else 0
+        canvas = np.arange(self.size) + int(round((length - self.size) / 2.0))
+        source = canvas - pad
+        return (canvas >= 0) & (canvas < length + 2 * pad), (source >= 0) & (source < length), source
+
+    def __call__(self, image, mask, rng=None, centroid=None):
+        h, w = image.shape[:2]
+        in_canvas_y, in_image_y, ys = self._axis(h)
+        in_canvas_x, in_image_x, xs = self._axis(w)
+        rows, cols = np.nonzero(in_image_y)[0], np.nonzero(in_image_x)[0]
+        out = np.zeros((self.size, self.size) + image.shape[2:], image.dtype)
+        out[np.ix_(rows, cols)] = image[np.ix_(ys[rows], xs[cols])]
+        if mask is None:
+            return out, None
+        out_mask = np.zeros((self.size, self.size), mask.dtype)
+        out_mask[np.ix_(np.nonzero(in_canvas_y)[0], np.nonzero(in_canvas_x)[0])] = self.ignore_index
+        out_mask[np.ix_(rows, cols)] = mask[np.ix_(ys[rows], xs[cols])]
+        return out, out_mask

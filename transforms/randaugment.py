@@ -1,34 +1,48 @@
-"""RandAugment on an image/mask pair (REFERENCE.md 5.3): N ops drawn with replacement, magnitude M/30 of each range.
+"""RandAugment on an image/mask pair, as the original's: N ops drawn with replacement, each at magnitude M (0..30).
 
-Geometric ops (shear, translate, rotate) move the mask too (nearest, filled with the dataset's ignore value; the
-image is filled with 0); colour ops touch the image only.
+Every op is the original's PIL call, so the pixels are Pillow's. An op's value is v = M / 30 * (max - min) + min
+of its range: shear 0..0.3, translate 0..0.33 of the image size, rotate 0..30 degrees, solarize threshold
+0..110, posterize 4..8 bits (int(v) kept), colour / brightness / sharpness factor 0.1..1.9. Shear, translate and
+rotate flip the sign of v with probability 0.5. Shear and translate are PIL affine maps about the image origin
+(top-left) with a bilinear image and a nearest mask; rotate is PIL's rotate about the centre with nearest
+resampling for both (PIL's default, which the original kept). Uncovered pixels are 0 in the image and the
+dataset's ignore value in the mask; colour ops leave the mask alone.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
 
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 PHOTOMETRIC = ("AutoContrast", "Invert", "Equalize", "Solarize", "Posterize", "Color", "Brightness", "Sharpness")
 OPS = ("Identity",) + GEOMETRIC + PHOTOMETRIC
+RANGES = {
+    "Identity": (0.0, 1.0),
+    "ShearX": (0.0, 0.3),
+    "ShearY": (0.0, 0.3),
+    "TranslateX": (0.0, 0.33),
+    "TranslateY": (0.0, 0.33),
+    "Rotate": (0.0, 30.0),
+    "AutoContrast": (0.0, 1.0),
+    "Invert": (0.0, 1.0),
+    "Equalize": (0.0, 1.0),
+    "Solarize": (0.0, 110.0),
+    "Posterize": (4.0, 8.0),
+    "Color": (0.1, 1.9),
+    "Brightness": (0.1, 1.9),
+    "Sharpness": (0.1, 1.9),
+}
+_ENHANCE = {"Color": ImageEnhance.Color, "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}
 
 
-def _blend(image: np.ndarray, other: np.ndarray, factor: float) -> np.ndarray:
-    """other + factor * (image - other), saturated (PIL's ImageEnhance convention)."""
-    return cv2.addWeighted(image, factor, other, 1 - factor, 0.0)
-
-
-def _affine(image, mask, m: np.ndarray, ignore_index: int):
-    h, w = image.shape[:2]
-    image = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if mask is not None:
-        mask = cv2.warpAffine(mask, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                              borderValue=ignore_index)
-    return image, mask
+def op_value(name: str, magnitude: int) -> float:
+    """v = M / 30 * (max - min) + min, the original's value of op `name` at magnitude M."""
+    lo, hi = RANGES[name]
+    return float(magnitude) / 30 * (hi - lo) + lo
 
 
 class RandAugment:
-    """`num_ops` ops per sample, each at magnitude `magnitude` (0..30), with a random sign where it matters."""
+    """`num_ops` ops per sample drawn uniformly with replacement from `ops`, each at magnitude `magnitude`."""
 
     def __init__(self, num_ops: int, magnitude: int, ignore_index: int = 255, ops: tuple[str, ...] = OPS):
         if num_ops < 1 or not 0 <= magnitude <= 30:
@@ -36,58 +50,54 @@ class RandAugment:
         unknown = [o for o in ops if o not in OPS]
         if unknown:
             raise ValueError(f"unknown RandAugment ops {unknown}; known: {list(OPS)}")
+        if not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore_index must fit the uint8 masks (0..255), got {ignore_index}")
         self.num_ops, self.magnitude, self.ignore_index, self.ops = int(num_ops), int(magnitude), ignore_index, ops
 
     def __repr__(self) -> str:
         return f"RandAugment(N={self.num_ops}, M={self.magnitude})"
 
     def __call__(self, image, mask, rng, centroid=None):
-        for name in rng.choice(self.ops, size=self.num_ops, replace=True):
-            image, mask = self.apply(str(name), image, mask, rng)
+        for k in rng.integers(0, len(self.ops), size=self.num_ops):
+            image, mask = self.apply(self.ops[int(k)], image, mask, rng)
         return image, mask
 
-    def apply(self, name: str, image, mask, rng: np.random.Generator):
-        v = self.magnitude / 30.0
-        sign = 1.0 if rng.random() < 0.5 else -1.0
-        h, w = image.shape[:2]
+    def apply(self, name: str, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator):
+        """Op `name` at this transform's magnitude; draws the sign of shear, translate and rotate from `rng`."""
+        v = op_value(name, self.magnitude)
+        if name == "Identity":
+            return image, mask
+        img = Image.fromarray(image)
         if name in GEOMETRIC:
-            cx, cy = (w - 1) / 2, (h - 1) / 2
-            if name == "ShearX":
-                s = sign * 0.3 * v
-                m = np.array([[1, s, -s * cy], [0, 1, 0]], np.float64)
-            elif name == "ShearY":
-                s = sign * 0.3 * v
-                m = np.array([[1, 0, 0], [s, 1, -s * cx]], np.float64)
-            elif name == "TranslateX":
-                m = np.array([[1, 0, sign * 0.33 * v * w], [0, 1, 0]], np.float64)
-            elif name == "TranslateY":
-                m = np.array([[1, 0, 0], [0, 1, sign * 0.33 * v * h]], np.float64)
+            if rng.random() > 0.5:
+                v = -v
+            msk = None if mask is None else Image.fromarray(mask)
+            if name == "Rotate":
+                img = img.rotate(v, fillcolor=(0, 0, 0))
+                msk = None if msk is None else msk.rotate(v, resample=Image.NEAREST, fillcolor=self.ignore_index)
             else:
-                m = cv2.getRotationMatrix2D((cx, cy), sign * 30.0 * v, 1.0)
-            return _affine(image, mask, m, self.ignore_index)
+                w, h = img.size
+                params = {
+                    "ShearX": (1, v, 0, 0, 1, 0),
+                    "ShearY": (1, 0, 0, v, 1, 0),
+                    "TranslateX": (1, 0, v * w, 0, 1, 0),
+                    "TranslateY": (1, 0, 0, 0, 1, v * h),
+                }[name]
+                img = img.transform(img.size, Image.AFFINE, params, resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+                if msk is not None:
+                    msk = msk.transform(msk.size, Image.AFFINE, params, resample=Image.NEAREST,
+                                        fillcolor=self.ignore_index)
+            return np.array(img), (None if msk is None else np.array(msk))
         if name == "AutoContrast":
-            lo = image.reshape(-1, 3).min(0).astype(np.float32)
-            hi = image.reshape(-1, 3).max(0).astype(np.float32)
-            scale = np.where(hi > lo, 255.0 / np.maximum(hi - lo, 1), 1.0)
-            image = np.clip((image - np.where(hi > lo, lo, 0)) * scale + 0.5, 0, 255).astype(np.uint8)
+            img = ImageOps.autocontrast(img)
         elif name == "Invert":
-            image = 255 - image
+            img = ImageOps.invert(img)
         elif name == "Equalize":
-            image = np.stack([cv2.equalizeHist(np.ascontiguousarray(image[..., c])) for c in range(3)], axis=2)
+            img = ImageOps.equalize(img)
         elif name == "Solarize":
-            threshold = int(round(256 - 110 * v))
-            image = np.where(image >= threshold, 255 - image, image).astype(np.uint8)
+            img = ImageOps.solarize(img, v)
         elif name == "Posterize":
-            bits = 8 - int(round(4 * v))
-            image = image & np.uint8((0xFF << (8 - bits)) & 0xFF)
-        elif name in ("Color", "Brightness", "Sharpness"):
-            factor = 1.0 + sign * 0.9 * v
-            if name == "Color":
-                other = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
-            elif name == "Brightness":
-                other = np.zeros_like(image)
-            else:
-                kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
-                other = cv2.filter2D(image, -1, kernel, borderType=cv2.BORDER_REPLICATE)
-            image = _blend(image, other, factor)
-        return image, mask
+            img = ImageOps.posterize(img, int(v))
+        else:
+            img = _ENHANCE[name](img).enhance(v)
+        return np.array(img), mask

@@ -6,6 +6,7 @@ Our files hold {'format': 'hmsa', 'arch', 'num_classes', 'config', 'model', 'opt
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
@@ -25,27 +26,47 @@ from torch import nn
 KEY_RENAMES: tuple[tuple[str, str], ...] = (("module.", ""),)
 
 CKPT_PATTERN = "ckpt_{:08d}.pth"
+BEST_NAME = "best.pth"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model; the message names the file."""
 
 
+TMP_PREFIX, TMP_SUFFIX = ".tmp_", ".pth"  # atomic_save's temporary files (left behind only by a killed write)
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A failed write (e.g. a full disk) removes the temporary file, leaves any existing `path` as it was, and raises
+    OSError naming `path`.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, os.strerror(e.errno), path) from e
+        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch's zip writer wraps the OSError
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
         raise
+
+
+def remove_orphaned_temps(run_dir: str) -> list[str]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted; returns their paths."""
+    found = glob.glob(os.path.join(run_dir, TMP_PREFIX + "*" + TMP_SUFFIX))
+    for path in found:
+        os.remove(path)
+    return found
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -172,14 +193,40 @@ def checkpoint_paths(run_dir: str) -> list[str]:
     return sorted((p for p in found if iteration(p) >= 0), key=iteration, reverse=True)
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint that reads back; an unreadable newer one (a killed write) falls back to the previous."""
+@dataclass
+class Latest:
+    """The newest readable checkpoint of a run folder, and the newer ones that did not read back (with why)."""
+
+    path: str
+    ckpt: dict[str, Any]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def latest_checkpoint(run_dir: str) -> Latest | None:
+    """The newest checkpoint that reads back; None when the folder has none.
+
+    An unreadable newer file (damaged on disk) is skipped and reported in `skipped`. A folder whose checkpoints
+    all fail to read is a CheckpointError listing them: starting again from iteration 0 would silently discard
+    the run.
+    """
+    skipped: list[tuple[str, str]] = []
     for path in checkpoint_paths(run_dir):
         try:
-            return path, read_checkpoint(path)
-        except CheckpointError:
-            continue
+            return Latest(path, read_checkpoint(path), skipped)
+        except CheckpointError as e:
+            skipped.append((path, str(e).removeprefix(f"{path}: ")))
+    if skipped:
+        listing = "; ".join(f"{p}: {why}" for p, why in skipped)
+        raise CheckpointError(f"none of the {len(skipped)} checkpoint(s) in {run_dir} reads back ({listing}); "
+                              "restore a good file, or start a new run with another train.run_name")
     return None
+
+
+def save_best(run_dir: str, state: dict[str, Any]) -> str:
+    """Write best.pth atomically (the checkpoint of the best validation so far)."""
+    path = os.path.join(run_dir, BEST_NAME)
+    atomic_save(state, path)
+    return path
 
 
 def save_run_checkpoint(run_dir: str, iteration: int, state: dict[str, Any], keep: int = 2) -> str:

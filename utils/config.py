@@ -33,9 +33,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cityscapes"
+    dataset: str = "synthetic"  # synthetic: generated at `root` from data.synthetic.* on first use (the demo)
     root: str = "data/synthetic_cityscapes"
-    generate: bool = True  # write the synthetic dataset at `root` when the folder does not exist
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     train_split: str = "train"
     val_split: str = "val"
@@ -51,7 +50,11 @@ class DataConfig:
     rand_augment: tuple[int, ...] = ()  # (N, M): N RandAugment ops of magnitude M/30 on image+mask; () off
     eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0: pre_size, or native size if 0 too
     eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
+    map_crop_val: bool = False  # val: resize the height to eval_size (bicubic), then the original's CenterCropPad
+    resample: str = "pil"  # pil: Pillow's resize values (antialiased), as the original | opencv: faster, aliased
+    crop_placement: str = "original"  # original: small images centred, clipped centroid crops | uniform
     skip_bad: bool = False  # log and skip unreadable samples instead of stopping
+    verify: bool = False  # decode every image and mask of each split before work starts (parallel, num_workers)
     class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
     class_uniform_tile: int = 1024  # centroid tile size (pixels)
     centroid_dir: str = ""  # centroid cache folder ('': $XDG_CACHE_HOME/hmsa/centroids)
@@ -60,6 +63,9 @@ class DataConfig:
     custom_coarse_dropout_classes: tuple[int, ...] = ()  # train ids whose human gtCoarse pixels join the autolabels
     mask_out_cityscapes: bool = False  # autolabels: the ego-vehicle and border regions become ignore
     autolabel_dir: str = "autolabelled"  # autolabel folder (relative to root unless absolute)
+    # original: human dropout-class pixels unioned in, then the threshold (which can drop them); centroids from
+    # the raw autolabel. threshold_first: threshold, then the human pixels on top; centroids from that mask.
+    autolabel_order: str = "original"
     max_cu_epoch: int = 150  # coarse data is used in epochs below this one only
     classes: str = ""  # folder/custom datasets: class-list YAML ('' with folder: the Cityscapes classes)
     image_dir: str = "images/{split}"  # custom dataset: image folder under root ({split} is replaced)
@@ -113,6 +119,7 @@ class TrainConfig:
     log_interval: int = 10
     ckpt_interval: int = 250  # iterations between checkpoints (and one at the end)
     val_interval: int = 0  # iterations between validations (0: only at the end)
+    val_epochs: int = 0  # validate after every this many epochs (the original: 1); 0: off
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation); global batch = batch·this·GPUs
@@ -136,7 +143,7 @@ class EvalConfig:
     sweep_flips: tuple[bool, ...] = (False, True)
     num_dump: int = 8  # N of the dump selection
     dump: str = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
-    dump_dir: str = "eval"  # relative to the run folder
+    dump_dir: str = "eval"  # training's final evaluation; relative to the run folder (or absolute)
     video_attention: bool = False  # video mode: attention heat maps side by side with the overlay
 
 
@@ -159,6 +166,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.main": ("ce", "bce", "rmi", "wce"),
     "loss.aux": ("ce", "bce", "rmi", "wce"),
     "loss.scale": ("ce", "bce", "rmi", "wce"),
+    "data.resample": ("pil", "opencv"),
+    "data.crop_placement": ("original", "uniform"),
+    "data.autolabel_order": ("original", "threshold_first"),
 }
 
 
@@ -263,7 +273,36 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.dist_timeout must be a positive number of seconds, got {cfg.train.dist_timeout}")
     if any(c <= 0 for c in cfg.data.crop_size):
         raise ConfigError(f"data.crop_size: must be positive, got {list(cfg.data.crop_size)}")
+    for key in ("train.ckpt_interval", "train.log_interval", "data.batch_size", "data.val_batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(getattr(cfg, section), name)}")
+    for key in ("train.val_interval", "train.val_epochs", "data.num_workers"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off), got {getattr(getattr(cfg, section), name)}")
+    _validate_eval(cfg.eval)
     return cfg
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    """Every eval.* value that the final validation, the dumps or eval.py use: checked at load, not after training."""
+    for key, scales in [("eval.scales", e.scales)] + [(f"eval.scale_sets[{i}]", s) for i, s in enumerate(e.scale_sets)]:
+        _check_scales(key, scales)
+        if len(set(scales)) != len(scales):
+            raise ConfigError(f"{key}: scales must be distinct, got {list(scales)}")
+    if not e.sweep_fusions:
+        raise ConfigError(f"eval.sweep_fusions must not be empty (values among {list(CHOICES['eval.fusion'])})")
+    if e.scale_sets and not e.sweep_flips:
+        raise ConfigError("eval.sweep_flips must not be empty (use [false], [true] or [false, true])")
+    if e.window and (len(e.window) != 2 or any(w <= 0 for w in e.window)):
+        raise ConfigError(f"eval.window must be [] (whole image) or [height, width] > 0, got {list(e.window)}")
+    if not 0 <= e.overlap < 1:
+        raise ConfigError(f"eval.overlap must be in [0, 1), got {e.overlap}")
+    if e.num_dump < 0:
+        raise ConfigError(f"eval.num_dump must be >= 0, got {e.num_dump}")
+    if e.dump == "every" and e.num_dump == 0:
+        raise ConfigError("eval.dump=every needs eval.num_dump >= 1 (the step between dumped images)")
 
 
 def to_dict(obj: Any) -> Any:

@@ -2,6 +2,7 @@
 colour overlay and, optionally, each scale's attention heat map side by side."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -18,13 +19,19 @@ from .inference import Combo, MultiScalePass, check_window, resolve_fusion
 from .precision import autocast
 from .visualize import colorize, denormalize, heatmap, overlay, side_by_side
 
+log = logging.getLogger(__name__)
+
 
 class VideoError(ValueError):
     """A video cannot be opened, decoded or written; the message names the file."""
 
 
 class VideoReader:
-    """RGB frames of a video file; opening checks that the file exists and that its first frame decodes."""
+    """RGB frames of a video file; opening checks that the file exists and that its first frame decodes.
+
+    A video that ends before the frame count its container announces (a truncated or damaged file) ends with a
+    warning giving both numbers; `frames_read` counts the frames delivered.
+    """
 
     def __init__(self, path: str) -> None:
         if not os.path.isfile(path):
@@ -41,13 +48,18 @@ class VideoReader:
         fps = self.cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if fps and math.isfinite(fps) and fps > 0 else 25.0
         self.frame_count = max(0, int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT)))  # 0 when the container lacks it
+        self.frames_read = 0
 
     def __iter__(self) -> Iterator[np.ndarray]:
         frame = self._first
         while frame is not None:
+            self.frames_read += 1
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             ok, frame = self.cap.read()
             frame = frame if ok else None
+        if self.frames_read < self.frame_count:
+            log.warning("video %s ended after %d of the %d frames its container announces: the file is truncated "
+                        "or damaged (the frames read were processed)", self.path, self.frames_read, self.frame_count)
 
     def close(self) -> None:
         self.cap.release()
