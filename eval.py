@@ -232,11 +232,11 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     if cfg.eval.dump == "worst" and not labelled:
         raise CliError("config error: eval.dump=worst ranks images by IoU and needs a labelled split")
     out_dir = broadcast_object(output_dir(args, cfg, run_dir, labelled) if dist.is_main else None)
-    if dist.is_main:
-        ensure_writable_dir(out_dir, "--out")
-    writer = label_writer(args, dataset, out_dir)
     model = network.build_model(cfg.model.name, dataset.num_classes, **cfg.model.options)
     report = load_checkpoint(model, weights, strict=True)
+    if dist.is_main:  # created only once the inputs are known to be good
+        ensure_writable_dir(out_dir, "--out")
+    writer = label_writer(args, dataset, out_dir)
     combos = []
     if cfg.eval.scale_sets:
         e = cfg.eval

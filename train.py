@@ -24,6 +24,7 @@ from datasets.base import DataError
 from loss import build_criterion
 from utils.checkpoint import (
     CheckpointError,
+    best_record,
     checkpoint_paths as checkpoint_files,
     latest_checkpoint,
     load_checkpoint,
@@ -37,7 +38,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
-from utils.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict, to_yaml
+from utils.config import Config, ConfigError, diff_configs, load_config, to_dict, to_yaml
 from utils.dist import (
     DistConfigError,
     DistInfo,
@@ -122,7 +123,7 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
         return None
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
-    differ = diff_configs(from_dict(ckpt["config"]), cfg) if "config" in ckpt else []
+    differ = diff_configs(ckpt["config"], cfg) if isinstance(ckpt.get("config"), dict) else []
     differ = [d for d in differ if not d.startswith(RESUME_NEUTRAL)]
     if differ and not args.force_resume:
         raise CliError(
@@ -236,6 +237,12 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         state = TrainState(**ckpt["state"])
         restore_rng(ckpt, cfg, dist, log)
         log.info(f"resumed from {path} at iteration {state.iteration}")
+        # A validation after the last checkpoint may have saved a better best.pth: its record wins, so that a
+        # worse model never replaces it.
+        best = broadcast_object(best_record(run_dir) if dist.is_main else None)
+        if best is not None and best["miou"] > state.best_miou:
+            state.best_miou, state.best_iteration = best["miou"], best["iteration"]
+            log.info(f"best so far: mIoU {100 * best['miou']:.2f} at iteration {best['iteration']} (best.pth)")
     saved_at = state.iteration if resume is not None else -1
     # Written only now: a refused resume or a failed weight load leaves the run's config as it was.
     if dist.is_main:

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -371,7 +371,8 @@ def generate_synthetic_cityscapes(
         for stale in os.listdir(parent):  # left by an interrupted run (we hold the lock, so none is in progress)
             if stale.startswith(f".{name}.partial-"):
                 shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex}")
+        os.mkdir(tmp)  # not mkdtemp: its 0700 would become the dataset folder's mode; this one follows the umask
         try:
             log.info("generating synthetic Cityscapes-layout data at %s (%d train, %d val, %dx%d)", root,
                      num_train, num_val, width, height)

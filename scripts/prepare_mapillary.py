@@ -48,7 +48,7 @@ def verify_splits(root: str, workers: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root")
-    p.add_argument("--verify", action="store_true", help="decode every image and label (slow: minutes for the full set)")
+    p.add_argument("--verify", action="store_true", help="decode every image and label (minutes for the full set)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="--verify processes (default: all cores)")
     args = p.parse_args(argv)
     problems = 0

@@ -122,3 +122,14 @@ def test_train_settings_checked_at_load(override, match):
 def test_eval_settings_checked_at_load(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_diff_against_a_checkpoint_of_an_older_schema():
+    # A checkpoint's config dict with a key this version removed and without a key it added: resume compares
+    # only what this version reads, the missing key at its default.
+    saved = to_dict(load_config(overrides=["train.lr=0.5"]))
+    saved["data"]["generate"] = True
+    del saved["train"]["val_epochs"]
+    assert diff_configs(saved, load_config()) == ["train.lr: 0.5 -> 0.01"]
+    saved["model"]["options"]["old_option"] = 1  # model options are compared both ways: the factory reads them
+    assert "model.options.old_option: 1 -> None" in diff_configs(saved, load_config())

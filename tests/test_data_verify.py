@@ -115,7 +115,8 @@ def test_skip_bad_logs_each_bad_file_instead(broken, caplog):
 def test_truncated_jpeg_that_opencv_accepts_is_found(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(3):
-        cv2.imwrite(str(tmp_path / f"p{i}.jpg"), cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), np.uint8), (0, 0), 2))
+        smooth = cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), np.uint8), (0, 0), 2)
+        cv2.imwrite(str(tmp_path / f"p{i}.jpg"), smooth)
     path = tmp_path / "p1.jpg"
     path.write_bytes(path.read_bytes()[:-200])
     assert cv2.imread(str(path)) is not None  # OpenCV fills the missing rows with grey and says nothing

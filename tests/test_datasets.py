@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -130,9 +131,10 @@ def test_synthetic_manifest_lists_every_written_file(tmp_path):
     written = json.load(open(os.path.join(root, MANIFEST)))
     files = {k for k, v in snapshot(root).items() if v is not None}
     assert files == set(written) | {MARKER, MANIFEST} and len(written) == 6  # 3 images + 3 label maps
-    import hashlib
-
     assert all(hashlib.sha256(snapshot(root)[k]).hexdigest() == v for k, v in written.items())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(root).st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not a private temporary one
 
 
 def test_regeneration_removes_only_the_generated_files(tmp_path):

@@ -52,6 +52,7 @@ TRAIN_DEFAULTS = {
     "train.max_iter": 0,  # epochs only
     "train.accum_steps": 1,
     "train.precision": "fp16",  # fp16: true (apex amp O1)
+    "train.val_epochs": 1,  # validate() after every epoch (val_freq 1), best checkpoint kept
     "eval.scales": (0.5, 1.0, 2.0),  # n_scales, used for the per-epoch validation
     "eval.flip": False,
     "eval.fusion": "attention",

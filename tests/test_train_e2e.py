@@ -106,3 +106,31 @@ def test_non_finite_loss_stops_training_with_the_iteration(tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="non-finite loss at iteration 1") as e:
         train_script.main(overrides(tmp_path, max_iter=2))
     assert e.value.code == 2
+
+
+def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
+    # 8 images, batch 4: 2 steps per epoch; 3 epochs; validation after epochs 1 and 2, then the final one.
+    args = [a for a in overrides(tmp_path) if not a.startswith("train.max_iter")]
+    train_script.main(args + ["train.max_iter=0", "train.max_epoch=3", "train.val_epochs=1"])
+    run = tmp_path / "runs" / "run"
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    val = {r["iteration"]: r["miou"] for r in rows if r["split"] == "val"}
+    assert sorted(val) == [2, 4, 6]
+    best_iteration = max(val, key=lambda it: (val[it], -it))  # the first of equal values is kept
+    best = read_checkpoint(str(run / "best.pth"))
+    assert best["best"] == {"miou": val[best_iteration], "iteration": best_iteration, "epoch": best_iteration // 2}
+    assert best["state"]["iteration"] == best_iteration
+    # ckpt_4 was written before the validation at iteration 4 (state.best_miou = val[2]); a run resumed from it
+    # takes the best so far from best.pth, so that a worse model cannot replace it
+    assert read_checkpoint(str(run / "ckpt_00000004.pth"))["state"]["best_miou"] == val[2]
+    results = json.load(open(run / "eval" / "results.json"))
+    assert (results["best_miou"], results["best_iteration"]) == (val[best_iteration], best_iteration)
+    assert results["iteration"] == 6 and results["miou"] == val[6]
+    log = (run / "train.log").read_text()
+    assert f"best: mIoU {100 * val[best_iteration]:.2f} at iteration {best_iteration}" in log
+    if best_iteration > 2:
+        os.remove(run / "ckpt_00000006.pth")
+        train_script.main(args + ["train.max_iter=0", "train.max_epoch=3", "train.val_epochs=1"])
+        log = (run / "train.log").read_text().split("resumed from")[-1]
+        assert f"best so far: mIoU {100 * val[best_iteration]:.2f} at iteration {best_iteration} (best.pth)" in log
+        assert read_checkpoint(str(run / "best.pth"))["best"]["miou"] >= val[best_iteration]

@@ -253,8 +253,8 @@ def test_centroid_crop_near_an_edge_by_hand():
         out, out_mask = t(image, mask, rng, centroid=(190, 95))
         assert rng.asked == [(110, 191), (45, 96)]
         assert int(out[0, 0, 0]) == x1 and int(out[0, 0, 1]) == y1
-    # Scale 0.5: the centroid is scaled to (int(190 * 0.5), int(95 * 0.5)) = (95, 47) in a 50x100 image that is
-    # padded by (50 - 50) -> 0 rows and 0 columns (exact fit in height: 50 rows), so y1 = randint(-3, 47) -> [0, 0].
+    # Scale 0.5: a 50x100 image (no padding: 50 rows fit the crop exactly) and the centroid scaled to
+    # (int(190 * 0.5), int(95 * 0.5)) = (95, 47): x1 = randint(15, 95), y1 = randint(-3, 47), clipped to 0.
     rng = StubRng(0.5, ["lo", "hi"])
     t(image, mask, rng, centroid=(190, 95))
     assert rng.asked == [(95 - 80, 96), (47 - 50, 48)]
@@ -461,14 +461,21 @@ def test_shear_is_about_the_origin():
 
 
 def test_ops_are_drawn_with_replacement_and_uniformly():
-    t = RandAugment(2, 10, IGNORE)
+    class Recording(RandAugment):
+        def apply(self, name, image, mask, rng):
+            self.seen.append(name)
+            return image, mask
+
+    t = Recording(2, 10, IGNORE)
+    t.seen = []
+    image = random_image(np.random.default_rng(1), 8, 8)
     rng = np.random.default_rng(0)
-    draws = [tuple(rng.integers(0, len(OPS), size=2)) for _ in range(3000)]
-    assert sum(a == b for a, b in draws) > 100  # 3000 / 14 = 214 expected pairs of the same op
-    counts = np.bincount(np.array(draws).ravel(), minlength=len(OPS))
-    assert counts.min() > 300 and counts.max() < 560  # 6000 / 14 = 429 each
-    image = random_image(np.random.default_rng(1), 20, 30)
-    assert t(image, None, np.random.default_rng(5))[0].shape == image.shape
+    for _ in range(3000):
+        t(image, None, rng)
+    pairs = list(zip(t.seen[::2], t.seen[1::2]))
+    assert sum(a == b for a, b in pairs) > 150  # with replacement: 3000 / 14 = 214 pairs of the same op expected
+    counts = {op: t.seen.count(op) for op in OPS}
+    assert min(counts.values()) > 330 and max(counts.values()) < 530  # 6000 / 14 = 429 each
 
 
 # ---------------------------------------------------------------------------------------------- bilateral

@@ -222,6 +222,18 @@ def latest_checkpoint(run_dir: str) -> Latest | None:
     return None
 
 
+def best_record(run_dir: str) -> dict[str, Any] | None:
+    """The {'miou', 'iteration', 'epoch'} of the run's best.pth, or None; memory-mapped, so the weights stay on disk."""
+    path = os.path.join(run_dir, BEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("best")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}; move it away to "
+                              "let the run keep a new best") from e
+
+
 def save_best(run_dir: str, state: dict[str, Any]) -> str:
     """Write best.pth atomically (the checkpoint of the best validation so far)."""
     path = os.path.join(run_dir, BEST_NAME)

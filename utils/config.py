@@ -401,16 +401,22 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return validate(_build(Config, values))
 
 
-def diff_configs(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs (for resume checks)."""
+def diff_configs(a: Config | dict[str, Any], b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (for resume checks).
+
+    `a` may be the plain dict a checkpoint stores, written by an older version of the schema: its keys that the
+    schema no longer has are ignored (they cannot change what this version does), keys it lacks take the defaults.
+    """
     out: list[str] = []
 
     def walk(x: Any, y: Any, key: str) -> None:
         if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y)):
+            keys = set(y) if key and not key.endswith("options") else set(x) | set(y)
+            for k in sorted(keys):
                 walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
         elif x != y:
             out.append(f"{key}: {x!r} -> {y!r}")
 
-    walk(to_dict(a), to_dict(b), "")
+    saved = _merge(to_dict(Config()), a) if isinstance(a, dict) else to_dict(a)
+    walk(saved, to_dict(b), "")
     return out
