@@ -123,7 +123,8 @@ def _prepared(ds: SegmentationDataset, cfg, train: bool) -> SegmentationDataset:
     if cfg.verify:
         verify_dataset(ds, cfg.num_workers, cfg.skip_bad)
     if train and cfg.class_uniform_pct > 0:
-        ds.enable_class_uniform(cfg.class_uniform_pct, cfg.class_uniform_tile, cfg.centroid_dir)
+        ds.enable_class_uniform(cfg.class_uniform_pct, cfg.class_uniform_tile, cfg.centroid_dir,
+                                snap=cfg.centroid_snap, share=cfg.class_uniform_share)
     return ds
 
 

@@ -216,10 +216,15 @@ class SegmentationDataset(Dataset):
         return False
 
     def epoch_length(self, epoch: int) -> int:
-        """Samples per epoch: the same in every epoch, so that a loop may count its steps once. Class-uniform
-        epochs have num_main samples (extra data enters through centroids); otherwise all samples, and once the
-        extra samples are switched off the main ones fill the epoch (whole shuffled passes first)."""
-        return self.num_main if self.uniform is not None else len(self.samples)
+        """Samples in `epoch`. Without class-uniform sampling: all samples in every epoch (once the extra samples
+        are switched off the main ones fill the epoch, whole shuffled passes first). Class-uniform epochs (extra
+        data enters through centroids) have the size ClassUniform.epoch_size gives: num_main with
+        data.class_uniform_share=present_classes; with all_classes (the original) num_main less per_class for each
+        class without centroids, which changes between epochs only when switching the extra samples off leaves
+        a class without centroids."""
+        if self.uniform is not None:
+            return self.uniform.epoch_size(include_extra=self.extra_active(epoch))
+        return len(self.samples)
 
     def epoch_items(self, epoch: int, rng: np.random.Generator) -> list[tuple[int, tuple[int, int] | None]]:
         """(index, centroid or None) of every sample of `epoch`, in order."""
@@ -228,13 +233,15 @@ class SegmentationDataset(Dataset):
         pool = len(self.samples) if self.extra_active(epoch) else self.num_main
         return [(int(i), None) for i in draw_cycled(rng, pool, self.epoch_length(epoch))]
 
-    def enable_class_uniform(self, pct: float, tile: int, cache_dir: str = "", workers: int = 0) -> None:
-        """Turn on class-uniform sampling with centroids of every main image (cached; built when absent/stale)."""
+    def enable_class_uniform(self, pct: float, tile: int, cache_dir: str = "", workers: int = 0, snap: bool = False,
+                             share: str = "all_classes") -> None:
+        """Turn on class-uniform sampling with centroids of every main image (cached; built when absent/stale).
+        `snap` and `share` are data.centroid_snap and data.class_uniform_share (datasets/uniform.py)."""
         from .uniform import ClassUniform, load_or_compute
 
         centroids, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile, self.description,
-                                       cache_dir, workers=workers)
-        self.uniform = ClassUniform(centroids, self.num_classes, pct, self.num_main)
+                                       cache_dir, workers=workers, snap=snap)
+        self.uniform = ClassUniform(centroids, self.num_classes, pct, self.num_main, share)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw RGB image and train-id mask (uint8, or None when unlabelled), before any transform."""

@@ -1,4 +1,4 @@
-"""Cityscapes (REFERENCE.md 7.1): official and zip-named layouts, label id -> train id, cross-validation splits."""
+"""Cityscapes: official and zip-named layouts, label id -> train id, cross-validation splits."""
 from __future__ import annotations
 
 import os
@@ -87,7 +87,7 @@ def _cities(image_root: str, split: str) -> list[str]:
 
 
 def cv_cities(image_root: str, split: str, cv: int) -> list[tuple[str, str]]:
-    """(split folder, city) pairs of `split` ('train' or 'val') under cross-validation split `cv` (REFERENCE 7.1).
+    """(split folder, city) pairs of `split` ('train' or 'val') under cross-validation split `cv`.
 
     All cities = val cities + train cities (each sorted); split k takes as val the len(val) cities starting at
     k * n // 3, and the rest as train. cv 3 means train = val = all cities.
@@ -155,7 +155,7 @@ def find_extra_layout(root: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class CoarseOptions:
-    """How coarse (train_extra) data joins a training set (REFERENCE.md 7.2)."""
+    """How coarse (train_extra) data joins a training set (see docs/differences.md)."""
 
     boost_classes: tuple[int, ...] = ()  # train ids; empty: no coarse data
     autolabel_prob: float = 0.0  # > 0: autolabelled masks; pixels whose probability is below become ignore
@@ -313,18 +313,19 @@ class CityscapesDataset(SegmentationDataset):
                 mask[human == c] = c
         return mask
 
-    def enable_class_uniform(self, pct: float, tile: int, cache_dir: str = "", workers: int = 0) -> None:
+    def enable_class_uniform(self, pct: float, tile: int, cache_dir: str = "", workers: int = 0, snap: bool = False,
+                             share: str = "all_classes") -> None:
         """Turn on class-uniform sampling: centroids of every fine image, plus those of the boost classes in the
         coarse images (from the cache, built when absent or stale)."""
         from .uniform import ClassUniform, load_or_compute
 
         fine, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile,
-                                  f"cityscapes_{self.split}_cv{self.cv}", cache_dir, workers=workers)
+                                  f"cityscapes_{self.split}_cv{self.cv}", cache_dir, workers=workers, snap=snap)
         if len(self.samples) > self.num_main:
             c = self.coarse
             extra = (f"offset{self.num_main}|prob{c.autolabel_prob}|dropout{c.dropout_classes}|maskout{c.mask_out}"
                      f"|order{c.order}")
             coarse, _ = load_or_compute(self, range(self.num_main, len(self.samples)), self.num_classes, tile,
-                                        "cityscapes_coarse", cache_dir, extra, workers)
+                                        "cityscapes_coarse", cache_dir, extra, workers, snap)
             fine = {k: list(v) + (coarse[k] if k in c.boost_classes else []) for k, v in fine.items()}
-        self.uniform = ClassUniform(fine, self.num_classes, pct, self.num_main)
+        self.uniform = ClassUniform(fine, self.num_classes, pct, self.num_main, share)

@@ -1,4 +1,4 @@
-"""Any folder of images, any sizes, no labels (inference and dumps; REFERENCE.md 7.4).
+"""Any folder of images, any sizes, no labels (inference and dumps).
 
 The class list (for palettes and the model's class count) is the Cityscapes one unless data.classes names a
 class-list YAML (datasets/custom.py) or a Mapillary config.json.

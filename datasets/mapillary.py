@@ -1,4 +1,4 @@
-"""Mapillary Vistas (REFERENCE.md 7.3): classes from config.json, palette-PNG labels, long-edge evaluation size.
+"""Mapillary Vistas: classes from config.json, palette-PNG labels, long-edge evaluation size.
 
     <root>/config.json
     <root>/{training,validation,testing}/images/<name>.jpg

@@ -4,7 +4,7 @@
 
 Each term picks its function by name (TERM_FUNCTIONS). `criterion(outputs, target)` returns the total and a dict of
 each term's weighted, detached value ('main', 'aux', 'scale_0.5x', ...) for logging. The original's --rmi_loss
-recipe (REFERENCE.md 4.4) is main='rmi', aux='bce', scale='bce' with aux_weight 0.4 and scale_weight 0.05 (or 0).
+recipe is main='rmi', aux='bce', scale='bce' with aux_weight 0.4 and scale_weight 0.05 (or 0).
 """
 from __future__ import annotations
 

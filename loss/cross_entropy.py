@@ -44,7 +44,7 @@ def cross_entropy(logits: Tensor, target: Tensor, num_classes: int, ignore_index
 
 
 def image_class_weights(target: Tensor, num_classes: int, upper_bound: float = 1.0) -> Tensor:
-    """Per-image class weights [N,K] from each image's own label histogram (REFERENCE 4.2).
+    """Per-image class weights [N,K] from each image's own label histogram (the original computes them from the whole batch).
 
     w = (hist != 0) * upper_bound * (1 - p) + 1, where p is the class frequency among the image's valid pixels.
     """

@@ -1,6 +1,6 @@
 """Region Mutual Information loss (Zhao et al., NeurIPS 2019) as the original HMSA code computes it.
 
-    loss = 0.5·BCE + 0.5·RMI                                               (REFERENCE.md 4.3)
+    loss = 0.5·BCE + 0.5·RMI                                               (the original's --rmi_loss)
 
 BCE is sigmoid binary cross-entropy summed over classes and valid pixels, divided by (valid pixels + 1). RMI pools
 labels and sigmoid probabilities (average, kernel 4, stride 4, padding 2), takes the 3x3 neighbourhood of every

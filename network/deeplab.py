@@ -1,4 +1,4 @@
-"""DeepLabV3+ (the original's variant, REFERENCE.md 2.5) as a single-scale model and wrapped in HMSA."""
+"""DeepLabV3+ (the original's variant) as a single-scale model and wrapped in HMSA."""
 from __future__ import annotations
 
 from collections.abc import Sequence

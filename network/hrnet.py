@@ -1,4 +1,4 @@
-"""HRNetV2 trunk (REFERENCE.md 2.1): timm's HRNet modules with the original's bilinear fuse and 720-channel output.
+"""HRNetV2 trunk: timm's HRNet modules with the original's bilinear fuse and 720-channel output.
 
 timm's `hrnet_*` models with `features_only=True, feature_location=''` hold exactly the original's backbone keys
 (conv1/bn1/conv2/bn2, layer1, transition1-3, stage2-4) in the same order. Their fuse layers, though, upsample
@@ -92,7 +92,7 @@ class HRNetTrunk(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The original's `init_weights` (REFERENCE.md 2.1)."""
+        """The original's `init_weights`."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.001)

@@ -1,4 +1,4 @@
-"""Object-contextual representations (Yuan et al.), as the original's OCR block (REFERENCE.md 2.2).
+"""Object-contextual representations (Yuan et al.), as the original's OCR block.
 
 Module names follow the original checkpoint layout: conv3x3_ocr, ocr_gather_head, ocr_distri_head
 (object_context_block.{f_pixel, f_object, f_down, f_up}, conv_bn_dropout), cls_head, aux_head.

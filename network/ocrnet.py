@@ -1,4 +1,4 @@
-"""HRNet-OCR (REFERENCE.md 2.1-2.2) single-scale, and in hierarchical multi-scale attention (2.4): the paper's model.
+"""HRNet-OCR single-scale, and in hierarchical multi-scale attention: the paper's model.
 
 Attribute names follow the original checkpoint layout (backbone, ocr, scale_attn), so the published snapshots load
 by stripping `module.`.

@@ -29,7 +29,7 @@ from loss.rmi import RMILoss  # noqa: E402
 
 
 def original_port(logits: Tensor, labels: Tensor, num_classes: int, do_rmi: bool = True) -> Tensor:
-    """The original RMILoss.forward (REFERENCE.md 4.3), float64 from the stacked vectors on, as on the GPU."""
+    """The original RMILoss.forward, float64 from the stacked vectors on, as on the GPU."""
     k = num_classes
     mask = labels < k
     onehot = F.one_hot(labels * mask, k).float() * mask.unsqueeze(3).float()  # [N,H,W,K]

@@ -271,6 +271,74 @@ def test_folder_results_never_replace_a_labelled_split(run_copy, data):
     assert "holds the results of a training run" in message
 
 
+# ------------------------------------------------------------------ 5. data
+
+def _synthetic(tmp: Path, root: Path) -> list[str]:
+    """The tiny run on the generated demo dataset (data.dataset=synthetic) at `root`."""
+    return [a for a in tiny(tmp, root) if a != "data.dataset=cityscapes"] + [
+        "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+        "data.synthetic.height=64", "data.synthetic.width=128"]
+
+
+def test_cityscapes_with_a_missing_root_is_an_error_not_a_demo(tmp_path, data):
+    missing = tmp_path / "cityscapes"
+    message = fails(train_script.main, tiny(tmp_path, missing))
+    assert f"Cityscapes folder not found: data.root={missing}" in message and "data.dataset=synthetic" in message
+    assert not missing.exists() and not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+
+
+def test_demo_data_is_never_generated_over_a_user_folder(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    message = fails(train_script.main, _synthetic(tmp_path, mine))
+    assert f"{mine} exists and is not a generated dataset" in message and "data.dataset=cityscapes" in message
+    assert snapshot(mine) == {"notes.txt": hashlib.sha256(b"my notes").hexdigest()}
+
+
+def test_regenerating_the_demo_data_keeps_files_it_did_not_write(tmp_path, data):
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    extra = own / "leftImg8bit" / "train" / "aachen" / "my_photo.png"
+    extra.write_bytes(b"mine")
+    before = snapshot(own)
+    message = fails(train_script.main, _synthetic(tmp_path, own) + ["data.synthetic.num_train=5"])
+    assert "did not write or that changed since" in message and "my_photo.png" in message, message
+    assert snapshot(own) == before
+
+
+def test_corrupt_training_image_is_one_line_naming_it(tmp_path, data):
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    bad = sorted((own / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))[1]
+    bad.write_bytes(bad.read_bytes()[:100])
+    message = fails(train_script.main, tiny(tmp_path, own) + ["data.num_workers=1"])  # raised in a loader worker
+    assert message == f"cannot decode image (corrupt, truncated or not an image): {bad}", message
+
+
+def test_verify_finds_every_bad_file_before_training(tmp_path, data):
+    own = tmp_path / "data"
+    shutil.copytree(data, own)
+    bad = sorted((own / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))[:2]
+    for path in bad:
+        path.write_bytes(b"garbage")
+    message = fails(train_script.main, tiny(tmp_path, own) + ["data.verify=true"])
+    assert message.startswith("data.verify: 2 of 8 samples of cityscapes/train") and all(str(p) in message for p in bad)
+    assert not list((tmp_path / "runs").rglob("ckpt_*"))
+
+
+def test_folder_mode_skip_bad(run_copy, data, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, src in enumerate(sorted((data / "leftImg8bit" / "val").rglob("*.png"))[:2]):
+        shutil.copy(src, folder / f"p{i}.png")
+    (folder / "p1.png").write_bytes(b"not an image")
+    message = fails(eval_script.main, tiny(run_copy, data) + ["--folder", str(folder)])
+    assert message == f"cannot decode image (corrupt, truncated or not an image): {folder / 'p1.png'}"
+    summary = eval_script.main(tiny(run_copy, data) + ["--folder", str(folder), "data.skip_bad=true"])
+    assert summary["images"] >= 1
+
+
 # ------------------------------------------------------------------ 6. one-line errors everywhere
 
 def test_unknown_model_is_one_line(tmp_path, data):

@@ -17,7 +17,7 @@ from network import build_model
 from network.hrnet import BilinearFuseModule, HRNetTrunk
 from network.ocr import OCRBlock
 
-# The original's key lists (REFERENCE.md section 3): vendored under tests/data/keys, else the shared copy.
+# The original's key lists: vendored under tests/data/keys, else the shared copy.
 KEYS_DIRS = (os.path.join(os.path.dirname(__file__), "data", "keys"), "/work/shared/reference/keys")
 SMALL = {"trunk": "hrnet_w18_small", "mid_ch": 32, "key_ch": 16}
 

@@ -86,7 +86,7 @@ def test_default_criterion_terms_and_total():
 
 
 def test_recipe_reproduces_the_original_combination():
-    # REFERENCE.md 4.4: 0.4·BCE(aux) + [0.5·BCE + 0.5·RMI](pred) + 0.05·BCE(up(p_0.5x)) + 0.05·BCE(p_1.0x)
+    # The original's combination: 0.4·BCE(aux) + [0.5·BCE + 0.5·RMI](pred) + 0.05·BCE(up(p_0.5x)) + 0.05·BCE(p_1.0x)
     outputs, target = make_outputs(), make_target()
     total, terms = build_criterion(RECIPE, K, IGNORE)(outputs, target)
     assert list(terms) == ["main", "aux", "scale_0.5x", "scale_1.0x"]

@@ -16,7 +16,7 @@ def test_confusion_matrix_counts_and_ignore():
 
 
 def test_metrics_against_hand_computed_values():
-    # The REFERENCE.md 6.2 example: gt road 960 px, predicted road 935 px, 900 correct.
+    # A worked example: gt road 960 px, predicted road 935 px, 900 correct.
     hist = np.array([[900, 60], [35, 5]])  # rows gt, cols pred
     m = compute_metrics(hist, ["road", "other"])
     road = m["per_class"][0]

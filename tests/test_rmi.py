@@ -9,7 +9,7 @@ from loss.rmi import RMILoss, _pooled_onehot, _RegionCovariance, _SigmoidBCE, bc
 
 
 def golden_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    """REFERENCE.md 4.6: N=2, K=4, H=32, W=48."""
+    """The original's golden inputs: N=2, K=4, H=32, W=48."""
     n, k, h, w = 2, 4, 32, 48
     nn_ = torch.arange(n, dtype=torch.float64).view(n, 1, 1, 1)
     c = torch.arange(k, dtype=torch.float64).view(1, k, 1, 1)

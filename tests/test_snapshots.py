@@ -33,7 +33,7 @@ def small_model(arch: str, num_classes: int, seed: int) -> nn.Module:
 
 
 def save_original_format(model: nn.Module, path, arch: str, num_classes: int) -> None:
-    """What the original's eval_metrics + runx write (REFERENCE.md 1.5): a DataParallel/DDP state dict."""
+    """What the original's eval_metrics + runx write: a DataParallel/DDP state dict."""
     torch.save(
         {
             "epoch": 174,

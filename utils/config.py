@@ -57,6 +57,10 @@ class DataConfig:
     verify: bool = False  # decode every image and mask of each split before work starts (parallel, num_workers)
     class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
     class_uniform_tile: int = 1024  # centroid tile size (pixels)
+    # all_classes: int(n * pct / K) class-centred samples per class, an epoch shorter than n when a class has no
+    # centroids (the original). present_classes: K = the classes that have centroids, every epoch n samples.
+    class_uniform_share: str = "all_classes"
+    centroid_snap: bool = False  # move a centroid that is not a pixel of its class (ring) to the nearest one
     centroid_dir: str = ""  # centroid cache folder ('': $XDG_CACHE_HOME/hmsa/centroids)
     coarse_boost_classes: tuple[int, ...] = ()  # Cityscapes train ids whose coarse (train_extra) data is added
     custom_coarse_prob: float = 0.0  # > 0: autolabelled masks instead of gtCoarse; lower-probability pixels ignored
@@ -169,6 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.resample": ("pil", "opencv"),
     "data.crop_placement": ("original", "uniform"),
     "data.autolabel_order": ("original", "threshold_first"),
+    "data.class_uniform_share": ("all_classes", "present_classes"),
 }
 
 

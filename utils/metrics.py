@@ -1,7 +1,7 @@
 """Confusion matrix (int64, on the device, all-reducible) and the metrics derived from it.
 
 Rows are ground truth, columns predictions: hist[g, p]. Precision of class c is TP / (column sum), recall is
-TP / (row sum) (the original swaps the two: REFERENCE.md 6.2).
+TP / (row sum) (the original swaps the two: docs/differences.md).
 """
 from __future__ import annotations
 
