@@ -134,6 +134,12 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     return path, ckpt
 
 
+def epoch_steps(loader: torch.utils.data.DataLoader, epoch: int, accum: int) -> int:
+    """Optimizer steps in `epoch`, whose length the dataset decides (it can change between epochs)."""
+    loader.sampler.set_epoch(epoch)
+    return len(loader) // accum
+
+
 def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
     """Each rank continues its own random streams; a run resumed on another process count cannot."""
     saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
@@ -184,7 +190,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * dist.world_size
-    steps_per_epoch = len(train_loader) // accum
+    steps_per_epoch = epoch_steps(train_loader, 0, accum)
     if steps_per_epoch == 0:
         raise CliError(f"the training split has {len(train_set)} images, fewer than one step of {global_batch} "
                        f"(data.batch_size x train.accum_steps x {dist.world_size} processes): lower data.batch_size")
@@ -222,9 +228,13 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
 
     criterion = build_criterion(cfg.loss, num_classes, ignore)
     optimizer = build_optimizer(cfg, net)
-    max_iter = cfg.train.max_iter if cfg.train.max_iter > 0 else cfg.train.max_epoch * steps_per_epoch
+    if cfg.train.max_iter > 0:
+        max_iter = cfg.train.max_iter
+    else:  # epochs may differ in length (coarse data switched off at data.max_cu_epoch)
+        max_iter = sum(epoch_steps(train_loader, e, accum) for e in range(cfg.train.max_epoch))
     per_iter = cfg.train.lr_step == "iter"
-    sched_len = max_iter if per_iter else math.ceil(max_iter / steps_per_epoch)
+    sched_len = max_iter if per_iter else (
+        math.ceil(max_iter / steps_per_epoch) if cfg.train.max_iter > 0 else cfg.train.max_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(sched_len, cfg.train.poly_exp))
     scaler = grad_scaler(cfg.train.precision, dist.device)
     state = TrainState()
@@ -335,17 +345,21 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
 
     start = time.time()
     while state.iteration < max_iter:
+        steps = epoch_steps(train_loader, state.epoch, accum)
+        if steps == 0:
+            raise CliError(f"epoch {state.epoch} has fewer samples than one step of {global_batch}: lower "
+                           "data.batch_size")
         done = state.epoch_samples // global_batch  # steps of this epoch already taken (mid-epoch resume)
         train_loader.sampler.set_epoch(state.epoch, skip=state.epoch_samples // dist.world_size)
         finished = train_one_epoch(
             model, train_loader, criterion, optimizer, scheduler, scaler, state,
-            min(max_iter, state.iteration + steps_per_epoch - done), dist.device, cfg.train.precision, on_step,
+            min(max_iter, state.iteration + steps - done), dist.device, cfg.train.precision, on_step,
             step_lr_per_iter=per_iter, accum_steps=accum, samples_per_step=global_batch,
             channels_last=cfg.train.channels_last,
         )
         if not finished:
             stop_for_preemption()
-        if state.epoch_samples >= steps_per_epoch * global_batch:
+        if state.epoch_samples >= steps * global_batch:
             state.epoch, state.epoch_samples = state.epoch + 1, 0
             if not per_iter:
                 scheduler.step()

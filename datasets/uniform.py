@@ -203,6 +203,12 @@ class ClassUniform:
         if empty:
             log.info("class-uniform sampling: no centroids for class(es) %s; %d samples per epoch", empty,
                      self.epoch_size(include_extra=True))
+        with_extra, without = self.epoch_size(include_extra=True), self.epoch_size(include_extra=False)
+        if with_extra != without:
+            only_extra = [c for c in range(num_classes) if len(self.centroids[c]) and not len(self.pool(c, False))]
+            log.warning("class-uniform epochs have %d samples while the extra (coarse) images take part and %d "
+                        "after (class(es) %s have centroids in them only; data.class_uniform_share=present_classes "
+                        "keeps %d)", with_extra, without, only_extra, num_main)
 
     def __repr__(self) -> str:
         sizes = {c: len(v) for c, v in self.centroids.items()}

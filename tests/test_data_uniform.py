@@ -151,6 +151,40 @@ def test_cache_is_reused_and_rebuilt_when_stale(mask_files, tmp_path):
                                               [0, 39, 23], [0, 55, 23]]
 
 
+def test_cache_files_differ_between_centroid_modes(tmp_path):
+    ring = np.zeros((32, 32), np.uint8)
+    cv2.circle(ring, (16, 16), 10, 1, 2)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"r{i}.png"))
+        cv2.imwrite(paths[-1], ring)
+    ds = Masks(paths)
+    cache = str(tmp_path / "cache")
+    mean, mean_path = load_or_compute(ds, range(3), 2, 32, "toy/train", cache)
+    snap, snap_path = load_or_compute(ds, range(3), 2, 32, "toy/train", cache, snap=True)
+    assert mean_path != snap_path and "_mean_" in mean_path and "_snap_" in snap_path
+    assert sorted(os.path.basename(f) for f in os.listdir(cache) if f.endswith(".json")) == sorted(
+        os.path.basename(p) for p in (mean_path, snap_path))
+    (_, x, y), (_, sx, sy) = mean[1][0], snap[1][0]
+    assert ring[y, x] == 0 and ring[sy, sx] == 1  # each file holds its own mode's centroids
+    # Reading back: each mode gets its own file, unchanged.
+    stamps = os.stat(mean_path).st_mtime_ns, os.stat(snap_path).st_mtime_ns
+    assert load_or_compute(ds, range(3), 2, 32, "toy/train", cache) == (mean, mean_path)
+    assert load_or_compute(ds, range(3), 2, 32, "toy/train", cache, snap=True) == (snap, snap_path)
+    assert (os.stat(mean_path).st_mtime_ns, os.stat(snap_path).st_mtime_ns) == stamps
+
+
+def test_build_dataset_defaults_to_the_originals_sampling(synth, tmp_path):
+    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=0.5, class_uniform_tile=32,
+                     centroid_dir=str(tmp_path), num_workers=0)
+    assert cfg.class_uniform_share == "all_classes" and cfg.centroid_snap is False
+    ds = build_dataset(cfg, "train", train=True)
+    assert ds.uniform.share == "all_classes"
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".json")][0].startswith("cityscapes_train_cv0_tile32_mean_")
+    # 12 images, 19 classes: int(12 * 0.5 / 19) = 0 class-centred samples, 12 random ones.
+    assert ds.epoch_length(0) == 12 and all(c is None for _, c in ds.epoch_items(0, np.random.default_rng(0)))
+
+
 # Hand-built: 20 main images (0..19) and two extra ones (20, 21); 4 classes. Classes 0 and 1 have fine centroids,
 # class 2 has centroids in the extra images only, class 3 has none.
 HAND = {0: [[0, 1, 1], [1, 2, 2], [2, 3, 3]], 1: [[3, 4, 4]], 2: [[20, 5, 5], [21, 6, 6]], 3: []}
@@ -238,10 +272,15 @@ class HandDataset(SegmentationDataset):
 
 
 @pytest.mark.parametrize("share,lengths", [("all_classes", [18, 18, 16, 16]), ("present_classes", [20] * 4)])
-def test_epoch_length_is_the_size_of_each_epoch(share, lengths):
+def test_epoch_length_is_the_size_of_each_epoch(share, lengths, caplog):
     """What the training sampler (and so len(train_loader)) gives per epoch equals the epoch's own size. Under
-    all_classes it changes when the extra images are switched off and class 2 loses its only centroids."""
-    ds = HandDataset(share)
+    all_classes it changes when the extra images are switched off and class 2 loses its only centroids (a warning
+    says so when sampling is set up)."""
+    with caplog.at_level("WARNING", logger="datasets.uniform"):
+        ds = HandDataset(share)
+    warned = "class-uniform epochs have 18 samples while the extra (coarse) images take part and 16 after " \
+             "(class(es) [2] have centroids in them only"
+    assert (warned in caplog.text) == (share == "all_classes")
     assert [ds.epoch_length(e) for e in range(4)] == lengths
     sampler = TrainSampler(ds, seed=3, world_size=2)
     for epoch, length in enumerate(lengths):

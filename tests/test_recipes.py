@@ -34,6 +34,10 @@ TRAIN_DEFAULTS = {
     "data.rand_augment": (),
     "data.class_uniform_pct": 0.5,  # --class_uniform_pct
     "data.class_uniform_tile": 1024,  # the original computes on 1024 tiles whatever the flag says
+    "data.class_uniform_share": "all_classes",  # per_class = int(n * pct / K) over all K classes
+    "data.centroid_snap": False,  # the truncated mean position, even off the class
+    "data.resample": "pil",  # every resize is PIL's (antialiased downscaling)
+    "data.crop_placement": "original",  # small images centred (<= 2 px jitter); clipped centroid crops
     "data.val_batch_size": 1,  # --bs_val
     "model.name": HMSA,
     "model.norm": "syncbn",  # syncbn: true

@@ -134,3 +134,22 @@ def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
         log = (run / "train.log").read_text().split("resumed from")[-1]
         assert f"best so far: mIoU {100 * val[best_iteration]:.2f} at iteration {best_iteration} (best.pth)" in log
         assert read_checkpoint(str(run / "best.pth"))["best"]["miou"] >= val[best_iteration]
+
+
+@pytest.mark.timeout(600)
+def test_epochs_of_different_lengths_are_each_trained_once(tmp_path, monkeypatch):
+    # Switching coarse data off can shorten later epochs (class-uniform share over all classes). Epoch 0 has 8
+    # samples (2 steps of 4), the later ones 4 (1 step): 3 epochs are 4 iterations, each epoch trained once.
+    from datasets.base import SegmentationDataset
+
+    real = SegmentationDataset.epoch_length
+    monkeypatch.setattr(SegmentationDataset, "epoch_length",
+                        lambda self, epoch: real(self, epoch) if epoch == 0 else 4)
+    args = [a for a in overrides(tmp_path) if not a.startswith("train.max_iter")]
+    train_script.main(args + ["train.max_iter=0", "train.max_epoch=3", "train.lr_step=epoch"])
+    run = tmp_path / "runs" / "run"
+    state = read_checkpoint(checkpoint_paths(str(run))[0])["state"]
+    assert (state["iteration"], state["epoch"]) == (4, 3)
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"train"' in line]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3])  # poly per epoch

@@ -7,7 +7,16 @@ import numpy as np
 import torch
 
 from .joint import CenterCropPad, HorizontalFlip, RandomScaleCrop, ResizeHeight, ResizeLongEdge
-from .photometric import IMAGENET_MEAN, IMAGENET_STD, BilateralBlur, ColorJitter, GaussianBlur, Normalize
+from .photometric import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BilateralBlur,
+    ColorJitter,
+    GaussianBlur,
+    Normalize,
+    OpenCVColorJitter,
+    OpenCVGaussianBlur,
+)
 
 __all__ = [
     "SegTransform",
@@ -19,6 +28,8 @@ __all__ = [
     "CenterCropPad",
     "ColorJitter",
     "GaussianBlur",
+    "OpenCVColorJitter",
+    "OpenCVGaussianBlur",
     "BilateralBlur",
     "Normalize",
     "IMAGENET_MEAN",
@@ -64,7 +75,8 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
     normalisation. Val: normalisation only, or a long-edge resize to `eval_size` (else `pre_size`) when set
     (Mapillary evaluates at long edge 2177); with `map_crop_val`, a resize of the height to that size and the
     original's CenterCropPad instead. `resample` picks Pillow's (the original's) or OpenCV's resizing,
-    `crop_placement` the original's or our uniform crop placement.
+    `crop_placement` the original's or our uniform crop placement, `photometric` the original's colour jitter
+    and Gaussian blur (Pillow and skimage values) or faster OpenCV approximations.
     """
     resample = cfg.resample
     if not train:
@@ -92,11 +104,12 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
             raise ValueError(f"data.rand_augment must be [N, M] (ops per image, magnitude 0..30), got {rand_augment}")
 
         joint.append(RandAugment(rand_augment[0], rand_augment[1], ignore_index))
+    fast = cfg.photometric == "opencv"
     photometric: list = []
     if cfg.color_aug > 0:
-        photometric.append(ColorJitter(cfg.color_aug))
+        photometric.append((OpenCVColorJitter if fast else ColorJitter)(cfg.color_aug))
     if cfg.bblur:
         photometric.append(BilateralBlur())
     elif cfg.gblur:
-        photometric.append(GaussianBlur())
+        photometric.append(OpenCVGaussianBlur() if fast else GaussianBlur())
     return SegTransform(joint, photometric)

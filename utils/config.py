@@ -53,6 +53,7 @@ class DataConfig:
     map_crop_val: bool = False  # val: resize the height to eval_size (bicubic), then the original's CenterCropPad
     resample: str = "pil"  # pil: Pillow's resize values (antialiased), as the original | opencv: faster, aliased
     crop_placement: str = "original"  # original: small images centred, clipped centroid crops | uniform
+    photometric: str = "original"  # colour jitter + Gaussian blur: original (Pillow/skimage values) | opencv: faster
     skip_bad: bool = False  # log and skip unreadable samples instead of stopping
     verify: bool = False  # decode every image and mask of each split before work starts (parallel, num_workers)
     class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
@@ -172,6 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.scale": ("ce", "bce", "rmi", "wce"),
     "data.resample": ("pil", "opencv"),
     "data.crop_placement": ("original", "uniform"),
+    "data.photometric": ("original", "opencv"),
     "data.autolabel_order": ("original", "threshold_first"),
     "data.class_uniform_share": ("all_classes", "present_classes"),
 }
