@@ -47,7 +47,7 @@ from utils.config import Config, ConfigError, load_config, to_dict
 from utils.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup, init_distributed
 from utils.dumps import LabelIdWriter, train_to_label_lut
 from utils.engine import RunLogger, evaluate
-from utils.inference import has_attention, sweep_combos
+from utils.inference import Inference, has_attention
 from utils.metrics import compute_metrics, format_sweep, format_table, sweep_results, write_per_class_csv, write_sweep
 from utils.results_page import write_results_page
 from utils.video import ProgressLine, VideoReader, annotate_video
@@ -191,11 +191,9 @@ def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out
     reader = VideoReader(args.video)
     stem = os.path.splitext(os.path.basename(args.video))[0]
     out_path = args.video_out or os.path.join(out_dir, f"{stem}_seg.mp4")
-    e = cfg.eval
     frames = annotate_video(
         model, reader, out_path, build_transforms(cfg.data, False, classes.ignore_index), classes.palette, device,
-        e.scales, e.flip, e.fusion, e.window, e.overlap, cfg.train.precision, e.video_attention,
-        ProgressLine(reader.frame_count),
+        Inference.from_config(cfg), cfg.eval.video_attention, ProgressLine(reader.frame_count),
     )
     log.info(f"{args.video}: {frames} frames -> {out_path}")
     return {"video": out_path, "frames": frames}
@@ -237,13 +235,12 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     if dist.is_main:  # created only once the inputs are known to be good
         ensure_writable_dir(out_dir, "--out")
     writer = label_writer(args, dataset, out_dir)
-    combos = []
-    if cfg.eval.scale_sets:
-        e = cfg.eval
-        combos = sweep_combos(list(e.scale_sets) + [[1.0]], e.sweep_fusions, e.sweep_flips, model)
+    how = Inference.from_config(cfg)
+    combos = how.sweep(model)
     model.to(dist.device)
 
     log = RunLogger(out_dir, enabled=dist.is_main)
+    log.capture_modules()
     log.info(report.summary())
     if not has_attention(model) and cfg.eval.fusion == "attention" and len(cfg.eval.scales) > 1:
         log.info(f"{cfg.model.name} has no scale attention: its scales are averaged (eval.fusion=average)")
@@ -261,11 +258,8 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     loader = build_loader(todo, cfg.data, False, dist.rank, dist.world_size, cfg.train.seed)
     e = cfg.eval
     dump = "all" if args.folder is not None and e.dump == "first" else e.dump  # a folder is run to be looked at
-    result = evaluate(
-        model, loader, dataset.num_classes, dataset.ignore_index, e.scales, dist.device, cfg.train.precision,
-        flip=e.flip, dump_dir=out_dir, num_dump=e.num_dump, palette=dataset.palette, fusion=e.fusion,
-        window=e.window, overlap=e.overlap, sweep=combos, dump=dump, label_writer=writer,
-    )
+    result = evaluate(model, loader, dataset.num_classes, dataset.ignore_index, how, dist.device, dump_dir=out_dir,
+                      dump=dump, num_dump=e.num_dump, palette=dataset.palette, label_writer=writer)
     source = args.folder or f"{cfg.data.dataset}/{args.split or cfg.data.val_split}"
     setting = f"scales {list(e.scales)}, fusion {result.sweep[0][0].fusion}{' + flip' if e.flip else ''}"
     summary: dict[str, Any] = {"checkpoint": weights, "source": source, "scales": list(e.scales),

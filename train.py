@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -51,7 +52,8 @@ from utils.dist import (
     init_distributed,
     sync_batchnorm,
 )
-from utils.engine import Progress, RunLogger, TrainState, evaluate, poly_lambda, train_one_epoch
+from utils.engine import Progress, RunLogger, TrainBatches, TrainState, evaluate, poly_lambda, train_step
+from utils.inference import Inference
 from utils.metrics import compute_metrics, format_table
 from utils.precision import grad_scaler
 from utils.preempt import EXIT_PREEMPTED, Preemption
@@ -74,6 +76,7 @@ EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, Dis
                    ValueError)
 # Keys that do not change the weights a run produces: changing them does not stop a resume.
 RESUME_NEUTRAL = ("eval.", "train.run_name:", "train.output_dir:")
+PREEMPT_CHECK_STEPS = 10  # at most this many steps between two agreements on a preemption signal
 
 
 def seed_everything(seed: int) -> None:
@@ -134,12 +137,6 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     return path, ckpt
 
 
-def epoch_steps(loader: torch.utils.data.DataLoader, epoch: int, accum: int) -> int:
-    """Optimizer steps in `epoch`, whose length the dataset decides (it can change between epochs)."""
-    loader.sampler.set_epoch(epoch)
-    return len(loader) // accum
-
-
 def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
     """Each rank continues its own random streams; a run resumed on another process count cannot."""
     saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
@@ -190,7 +187,8 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
     accum = cfg.train.accum_steps
     global_batch = cfg.data.batch_size * accum * dist.world_size
-    steps_per_epoch = epoch_steps(train_loader, 0, accum)
+    batches = TrainBatches(train_loader, accum, global_batch, dist.world_size)
+    steps_per_epoch = batches.epoch_steps(0)
     if steps_per_epoch == 0:
         raise CliError(f"the training split has {len(train_set)} images, fewer than one step of {global_batch} "
                        f"(data.batch_size x train.accum_steps x {dist.world_size} processes): lower data.batch_size")
@@ -207,6 +205,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     # The run's files are touched only now: a refused resume, bad data or weights that do not fit change nothing.
     log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
                     resume_iteration=resume[1]["state"]["iteration"] if resume else None)
+    log.capture_modules()  # the data pipeline's warnings go to train.log and stderr too
     for message in warnings:
         log.warn(message)
     log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
@@ -227,11 +226,12 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         model = torch.compile(model)
 
     criterion = build_criterion(cfg.loss, num_classes, ignore)
+    inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
     optimizer = build_optimizer(cfg, net)
     if cfg.train.max_iter > 0:
         max_iter = cfg.train.max_iter
     else:  # epochs may differ in length (coarse data switched off at data.max_cu_epoch)
-        max_iter = sum(epoch_steps(train_loader, e, accum) for e in range(cfg.train.max_epoch))
+        max_iter = sum(batches.epoch_steps(e) for e in range(cfg.train.max_epoch))
     per_iter = cfg.train.lr_step == "iter"
     sched_len = max_iter if per_iter else (
         math.ceil(max_iter / steps_per_epoch) if cfg.train.max_iter > 0 else cfg.train.max_epoch)
@@ -244,7 +244,8 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(**ckpt["state"])
+        state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
+        batches.load_state_dict(ckpt["state"])
         restore_rng(ckpt, cfg, dist, log)
         log.info(f"resumed from {path} at iteration {state.iteration}")
         # A validation after the last checkpoint may have saved a better best.pth: its record wins, so that a
@@ -266,16 +267,13 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             return None
         return {
             "format": "hmsa",
-            "arch": cfg.model.name,
-            "num_classes": num_classes,
             "config": to_dict(cfg),
             "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "state": vars(state).copy(),
-            "rng": rngs,
-            "world_size": dist.world_size,
+            "state": {**vars(state), **batches.state_dict()},
+            "rng": rngs,  # one entry per rank
         }
 
     def checkpoint() -> None:
@@ -291,10 +289,9 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
 
         A new best mIoU is saved as best.pth (with its mIoU and iteration)."""
         result = evaluate(
-            net, val_loader, num_classes, ignore, cfg.eval.scales, dist.device, cfg.train.precision,
-            flip=cfg.eval.flip, dump_dir=dump_dir if final else None, num_dump=cfg.eval.num_dump if final else 0,
-            palette=val_set.palette, should_stop=preempt.batch_check(len(val_loader)),
-            fusion=cfg.eval.fusion, window=cfg.eval.window, overlap=cfg.eval.overlap, dump=cfg.eval.dump,
+            net, val_loader, num_classes, ignore, inference, dist.device, dump_dir=dump_dir if final else None,
+            dump=cfg.eval.dump, num_dump=cfg.eval.num_dump if final else 0, palette=val_set.palette,
+            should_stop=preempt.batch_check(len(val_loader)),
         )
         model.train()
         if result.stopped:
@@ -303,13 +300,13 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         metrics = compute_metrics(result.hist, val_set.class_names)
         metrics["loss"] = result.loss
         log.scalars("val", state.iteration, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
-        log.info(f"validation at iteration {state.iteration} (epoch {state.epoch}), scales {list(cfg.eval.scales)}"
+        log.info(f"validation at iteration {state.iteration} (epoch {batches.epoch}), scales {list(cfg.eval.scales)}"
                  f"{' + flip' if cfg.eval.flip else ''}:\n" + format_table(metrics))
         if metrics["miou"] > state.best_miou:
             state.best_miou, state.best_iteration = metrics["miou"], state.iteration
             content = payload()
             if dist.is_main:
-                content["best"] = {"miou": metrics["miou"], "iteration": state.iteration, "epoch": state.epoch}
+                content["best"] = {"miou": metrics["miou"], "iteration": state.iteration, "epoch": batches.epoch}
                 log.info(f"best mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}: "
                          f"{save_best(run_dir, content)}")
             barrier()
@@ -325,49 +322,38 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         barrier()  # leave together: srun --kill-on-bad-exit ends the others as soon as one task exits 75
         raise SystemExit(EXIT_PREEMPTED)
 
+    # The loop. Scalars stay on the device except at logging steps; ranks agree on a preemption signal at those
+    # steps and every PREEMPT_CHECK_STEPS steps (a collective: not on every step).
     progress = Progress(max_iter, state.iteration, log.info)
-
-    def on_step(device_scalars: dict[str, torch.Tensor]) -> bool:
-        it = state.iteration
-        if it % cfg.train.log_interval == 0 or it == max_iter:
-            # Read back only when logging: no host synchronisation on the other steps.
-            scalars = {k: float(v) for k, v in device_scalars.items()}
-            if not all(math.isfinite(v) for v in scalars.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {it}: {scalars} (lower train.lr, or use "
-                                         f"train.precision=fp32; the last checkpoint is kept)")
-            progress.update(it, {**scalars, "epoch": state.epoch})
-            log.scalars("train", it, scalars)
-        if cfg.train.val_interval > 0 and it % cfg.train.val_interval == 0 and it < max_iter:
-            validate(final=False)
-        if it % cfg.train.ckpt_interval == 0 and it < max_iter:
-            checkpoint()
-        return not preempt.agreed()  # every rank stops at the same step
-
     start = time.time()
     while state.iteration < max_iter:
-        steps = epoch_steps(train_loader, state.epoch, accum)
-        if steps == 0:
-            raise CliError(f"epoch {state.epoch} has fewer samples than one step of {global_batch}: lower "
-                           "data.batch_size")
-        done = state.epoch_samples // global_batch  # steps of this epoch already taken (mid-epoch resume)
-        train_loader.sampler.set_epoch(state.epoch, skip=state.epoch_samples // dist.world_size)
-        finished = train_one_epoch(
-            model, train_loader, criterion, optimizer, scheduler, scaler, state,
-            min(max_iter, state.iteration + steps - done), dist.device, cfg.train.precision, on_step,
-            step_lr_per_iter=per_iter, accum_steps=accum, samples_per_step=global_batch,
-            channels_last=cfg.train.channels_last,
-        )
-        if not finished:
+        scalars = train_step(model, batches.next_step(), criterion, optimizer, scaler, precision=cfg.train.precision,
+                             device=dist.device, channels_last=cfg.train.channels_last)
+        state.iteration += 1
+        it = state.iteration
+        if per_iter:
+            scheduler.step()
+        scalars["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
+        epoch = batches.epoch
+        epoch_ended = batches.step_done()
+        if it % cfg.train.log_interval == 0 or it == max_iter:
+            values = {k: float(v) for k, v in scalars.items()}  # the host synchronisation, at logging steps only
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"non-finite loss at iteration {it}: {values} (lower train.lr, or use "
+                                         f"train.precision=fp32; the last checkpoint is kept)")
+            progress.update(it, {**values, "epoch": epoch})
+            log.scalars("train", it, values)
+        if epoch_ended and not per_iter:
+            scheduler.step()  # the original's per-epoch poly step
+        val_epochs = cfg.train.val_epochs
+        epoch_val = epoch_ended and val_epochs > 0 and batches.epoch % val_epochs == 0
+        if it < max_iter and (epoch_val or (cfg.train.val_interval > 0 and it % cfg.train.val_interval == 0)):
+            if validate(final=False) is None:
+                stop_for_preemption()
+        if it % cfg.train.ckpt_interval == 0 and it < max_iter:
+            checkpoint()
+        if (it % cfg.train.log_interval == 0 or it % PREEMPT_CHECK_STEPS == 0) and preempt.agreed():
             stop_for_preemption()
-        if state.epoch_samples >= steps * global_batch:
-            state.epoch, state.epoch_samples = state.epoch + 1, 0
-            if not per_iter:
-                scheduler.step()
-            # The original validates after every epoch; the last one is the final validation below.
-            val_epochs = cfg.train.val_epochs
-            if val_epochs > 0 and state.epoch % val_epochs == 0 and state.iteration < max_iter:
-                if validate(final=False) is None:
-                    stop_for_preemption()
     log.info(f"training finished: {max_iter} iterations in {time.time() - start:.0f} s")
     # The weights are safe before the final validation: a bad val image or dump folder costs the evaluation only,
     # and the same command (after fixing an eval.* value) resumes straight into it.

@@ -67,9 +67,7 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
             raise ValueError(f"model '{name}' fixes {key}={pinned[key]!r}; got {value!r} (use '{target}' instead)")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = _REGISTRY[target](num_classes, **{**options, **pinned})
-    model.arch_name = name  # recorded in checkpoints
-    return model
+    return _REGISTRY[target](num_classes, **{**options, **pinned})
 
 
 def _register_builtin() -> None:

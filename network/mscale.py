@@ -7,8 +7,7 @@ weight, one channel, resized to x). All fusion happens on logits, lower scales h
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import reduce
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -125,32 +124,3 @@ class MscaleBase(nn.Module):
                     fused[key] = fuse_step(fused[key], s, single[key], single["attn"])
         out.update({k: v for k, v in fused.items() if v is not None})
         return out
-
-
-def fuse_scales(
-    preds: Mapping[float, torch.Tensor],
-    scales: Sequence[float],
-    rule: str = "attention",
-    attns: Mapping[float, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Fuse precomputed per-scale logits (each at its own scale's resolution) into logits at the 1.0 size.
-
-    attention: the hierarchical chain of `fuse_step`, high to low (`nscale_forward` without the network);
-    average: the mean of the logits resized to 1x (the original's --multi_scale_inference);
-    max: their per-pixel, per-class maximum.
-    """
-    order = check_scales(scales)
-    if rule == "attention":
-        if attns is None:
-            raise ValueError("attention fusion needs the per-scale attention maps")
-        fused = None
-        for s in order:
-            fused = fuse_step(fused, s, preds[s], attns[s])
-        return fused
-    size = preds[1.0].shape[-2:]
-    resized = [resize(preds[s], size) for s in order]
-    if rule == "average":
-        return reduce(torch.add, resized) / len(resized)
-    if rule == "max":
-        return reduce(torch.maximum, resized)
-    raise ValueError(f"unknown fusion rule {rule!r}; expected one of {', '.join(FUSION_RULES)}")

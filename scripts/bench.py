@@ -1,8 +1,8 @@
 """Speed and memory of hierarchical multi-scale attention against single scale, measured side by side.
 
-    python scripts/bench.py --out bench.json                   # CPU: narrow models at small sizes (minutes)
-    python scripts/bench.py --device cuda --full --out gpu.json  # GPU: full models at the recipe sizes
-    python scripts/bench.py --sections train opt --compile       # some sections; torch.compile rows too
+    python -m scripts.bench --out bench.json                   # CPU: narrow models at small sizes (minutes)
+    python -m scripts.bench --device cuda --full --out gpu.json  # GPU: full models at the recipe sizes
+    python -m scripts.bench --sections train opt --compile       # some sections; torch.compile rows too
 
 Sections (each printed as a markdown table, all saved to --out as JSON):
   train   training step (forward, loss, backward, SGD step) of each multi-scale model and of its single-scale
@@ -38,16 +38,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [p for p in (ROOT, os.path.dirname(os.path.abspath(__file__))) if p not in sys.path]
-
-import network  # noqa: E402
-from bench_memory import PeakMemory, estimate_peak  # noqa: E402
-from loss import build_criterion  # noqa: E402
-from loss.rmi import RMILoss  # noqa: E402
-from network.layers import rescale, scaled_size  # noqa: E402
-from utils.config import DataConfig, LossConfig, SyntheticConfig  # noqa: E402
-from utils.precision import autocast, grad_scaler  # noqa: E402
+import network
+from loss import build_criterion
+from loss.rmi import RMILoss
+from network.layers import rescale, scaled_size
+from scripts.bench_memory import PeakMemory, estimate_peak
+from utils.config import DataConfig, LossConfig, SyntheticConfig
+from utils.engine import train_step
+from utils.inference import Inference
+from utils.precision import autocast, grad_scaler
 
 PAIRS = {"hmsa_deeplabv3plus": "deeplabv3plus", "hmsa_ocrnet_hrnet_w48": "ocrnet_hrnet_w48"}
 PAPER_MODEL = "hmsa_ocrnet_hrnet_w48"
@@ -183,7 +182,7 @@ def batch(setup: Setup, size: tuple[int, int], n: int, seed: int = 0) -> tuple[t
 
 @dataclass
 class Trainer:
-    """A minimal training step, the same computation as utils.engine.train_one_epoch without its logging."""
+    """The training step of train.py (utils.engine.train_step) on a fixed batch."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -206,17 +205,19 @@ class Trainer:
         previous = torch.backends.cudnn.benchmark
         if self.cudnn_benchmark is not None:
             torch.backends.cudnn.benchmark = self.cudnn_benchmark
-        outputs = self.forward()
-        total, terms = self.criterion(outputs, self.target)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        seen: list[dict[str, torch.Tensor]] = []
+
+        def criterion(outputs, target):
+            seen.append(outputs)
+            return self.criterion(outputs, target)
+
+        terms = train_step(self.model, [{"image": self.images, "mask": self.target}], criterion, self.optimizer,
+                           self.scaler, precision=self.precision, device=self.images.device)
         if self.host_sync:
             for value in terms.values():
                 float(value)
         torch.backends.cudnn.benchmark = previous
-        return outputs
+        return seen[0]
 
     def phases(self) -> dict[str, float]:
         """Seconds of each phase of one step (synchronised between phases)."""
@@ -354,7 +355,7 @@ def bench_infer(setup: Setup) -> list[dict[str, Any]]:
             cands[f"single {s}"] = call(lambda s=s: model.single_forward(rescale(x, s)))
         for scales in SCALE_SETS:
             cands[f"nscale {scales}"] = call(lambda scales=scales: model(x, scales=list(scales)))
-            cands[f"predict {scales}"] = call(lambda scales=scales: predict(model, x, list(scales)))
+            cands[f"predict {scales}"] = call(lambda scales=scales: predict(model, x, Inference.make(scales)))
         times = interleaved(cands, setup)
         peaks = {}
         for key, fn in cands.items():
@@ -622,7 +623,7 @@ def _recipe_memory(setup: Setup) -> list[dict[str, Any]]:
                   label: str) -> dict[str, Any]:
         def run(model: nn.Module, x: torch.Tensor) -> None:
             with torch.inference_mode():
-                predict(model, x, scales, flip=flip)
+                predict(model, x, Inference.make(scales, flip=flip))
 
         est = estimate_peak(
             lambda: network.build_model(PAPER_MODEL, classes, **recipe.options(PAPER_MODEL)).eval(),
@@ -683,7 +684,7 @@ def _measured_memory(setup: Setup) -> list[dict[str, Any]]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(setup.device)
         with torch.inference_mode(), autocast(precision, setup.device):
-            predict(model, x, MAPILLARY_SCALES, flip=True)
+            predict(model, x, Inference.make(MAPILLARY_SCALES, flip=True))
         sync(setup.device)
         row = _memory_row("Mapillary eval, predict()", size, MAPILLARY_SCALES, True, precision,
                           {"peak": torch.cuda.max_memory_allocated(setup.device), "static": 0}, MAPILLARY_TARGET_GB)
@@ -893,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hmsa_bench_") as workdir:
         results = run(setup, args.sections, workdir)
     results["setup"] = {**vars(setup), "device": str(setup.device), "recipe": asdict(setup.recipe)}
-    results["command"] = " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    results["command"] = " ".join(["python", "-m", "scripts.bench", *(argv if argv is not None else sys.argv[1:])])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """Data-pipeline benchmark: our training item (Pillow-exact or OpenCV resampling) against a PIL pipeline doing
 the same steps the way the original code does them.
 
-    OMP_NUM_THREADS=1 python scripts/bench_data.py [--images 8] [--repeats 3] [--crop 1024[,W]]
+    OMP_NUM_THREADS=1 python -m scripts.bench_data [--images 8] [--repeats 3] [--crop 1024[,W]]
         [--width 2048 --height 1024] [--pre-size 0] [--no-gblur] [--resample both|pil|opencv]
         [--step-time 0.5 --batch 2] [--no-centroids] [--json out.json]
     # the published crops: Cityscapes --crop 1024,2048 --no-gblur; Mapillary --width 4000 --height 3000
@@ -29,18 +29,16 @@ import tempfile
 import time
 from dataclasses import replace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
+import numpy as np
+import torch
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from datasets import SampleRef  # noqa: E402
-from datasets.cityscapes import CityscapesDataset, label_map  # noqa: E402
-from datasets.synthetic import synthetic_scene  # noqa: E402
-from datasets.uniform import compute_centroids  # noqa: E402
-from transforms import build_transforms  # noqa: E402
-from utils.config import DataConfig  # noqa: E402
+from datasets import SampleRef
+from datasets.cityscapes import CityscapesDataset, label_map
+from datasets.synthetic import synthetic_scene
+from datasets.uniform import compute_centroids
+from transforms import build_transforms
+from utils.config import DataConfig
 
 
 def write_dataset(root: str, n: int, height: int, width: int) -> None:

@@ -1,8 +1,8 @@
 """Cost of the one-pass scale-set sweep against evaluating the union of its scales once, and against one run per
 combination (what the original needed).
 
-    python scripts/bench_eval.py                                      # CPU, tiny model, under a minute
-    python scripts/bench_eval.py --device cuda --model hmsa_ocrnet_hrnet_w48 --options "{}" \
+    python -m scripts.bench_eval                                      # CPU, tiny model, under a minute
+    python -m scripts.bench_eval --device cuda --model hmsa_ocrnet_hrnet_w48 --options "{}" \
         --size 1024 2048 --images 8 --batch 1 --precision bf16
 
 Images and labels are random (the cost does not depend on them). Prints a markdown table: seconds (CPU seconds of
@@ -12,7 +12,6 @@ once (with the mirrored pass when the sweep flips).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,12 +19,10 @@ from collections.abc import Callable
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import network  # noqa: E402
-from utils.config import ModelConfig  # noqa: E402
-from utils.engine import evaluate  # noqa: E402
-from utils.inference import sweep_combos  # noqa: E402
+import network
+from utils.config import ModelConfig
+from utils.engine import evaluate
+from utils.inference import Inference, sweep_combos
 
 
 
@@ -86,12 +83,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     union = sorted({s for c in combos for s in c.scales})
     flip_any = any(c.flip for c in combos)
 
-    def run(scales, fusion="attention", flip=False, sweep=()):
-        return evaluate(model, loader, args.classes, 255, scales, device, args.precision, flip=flip,
-                        fusion=fusion, sweep=sweep)
+    def run(scales, fusion="attention", flip=False, sweep=False):
+        how = Inference.make(scales, fusion, flip, precision=args.precision,
+                             **(dict(sweep_sets=sets, sweep_fusions=fusions, sweep_flips=flips) if sweep else {}))
+        return evaluate(model, loader, args.classes, 255, how, device)
 
     run([1.0])  # warm-up (allocator, cuDNN autotuning)
-    fns = {"union": lambda: run(union, flip=flip_any), "sweep": lambda: run(union, flip=flip_any, sweep=combos)}
+    fns = {"union": lambda: run(union, flip=flip_any), "sweep": lambda: run(union, flip=flip_any, sweep=True)}
     if args.separate:
         fns["separate"] = lambda: [run(c.scales, None if c.fusion == "none" else c.fusion, c.flip) for c in combos]
     t = timed(fns, device, args.repeat)

@@ -4,8 +4,8 @@ The baseline below follows the original code step by step (one-hot labels, weigh
 of both maps, 9 stacked shifted views cast to float64, torch.inverse, Cholesky logdet) with its one GPU-only line
 (`torch.cuda.DoubleTensor`) replaced by `.double()`, so it runs on any device.
 
-    python scripts/bench_rmi.py                  # CPU, a few sizes, well under a minute
-    python scripts/bench_rmi.py --device cuda --sizes 512x1024 1024x1024 1024x2048 --batch 2
+    python -m scripts.bench_rmi                  # CPU, a few sizes, well under a minute
+    python -m scripts.bench_rmi --device cuda --sizes 512x1024 1024x1024 1024x2048 --batch 2
 
 Prints a markdown table: time per call (forward; forward+backward), the speed-up and the largest relative
 difference of the loss value and of the gradient.
@@ -13,9 +13,7 @@ difference of the loss value and of the gradient.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from typing import Callable
 
@@ -23,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from loss.rmi import RMILoss  # noqa: E402
+from loss.rmi import RMILoss
 
 
 def original_port(logits: Tensor, labels: Tensor, num_classes: int, do_rmi: bool = True) -> Tensor:

@@ -1,6 +1,6 @@
 """Export a trained model to ONNX for a fixed scale set and input size, and check it with ONNX Runtime.
 
-    python scripts/export_onnx.py --config RUN/config.yaml --out model.onnx [--checkpoint CKPT] \
+    python -m scripts.export_onnx --config RUN/config.yaml --out model.onnx [--checkpoint CKPT] \
         [--size H W] [--num-check 4] [--legacy] [eval.scales=[0.5,1.0,2.0] eval.fusion=attention eval.flip=false]
 
 The graph computes the fused logits [N, K, H, W] of images [N, 3, H, W] (ImageNet-normalised RGB) with the
@@ -17,14 +17,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import network  # noqa: E402
-from datasets import build_dataset  # noqa: E402
-from network.layers import resize  # noqa: E402
-from utils.checkpoint import checkpoint_paths, load_checkpoint  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
-from utils.export import FixedScaleModel, check_onnx, export_onnx  # noqa: E402
+import network
+from datasets import build_dataset
+from network.layers import resize
+from utils.checkpoint import checkpoint_paths, load_checkpoint
+from utils.config import ConfigError, load_config
+from utils.export import FixedScaleModel, check_onnx, export_onnx
+from utils.inference import Inference
 
 MIN_AGREEMENT = 0.999
 
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = network.build_model(cfg.model.name, dataset.num_classes, **cfg.model.options)
     load_checkpoint(model, weights, strict=True)
     try:
-        module = FixedScaleModel(model.eval(), cfg.eval.scales, cfg.eval.fusion, cfg.eval.flip).eval()
+        module = FixedScaleModel(model.eval(), Inference.from_config(cfg)).eval()
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from e
     first = dataset[0]["image"].unsqueeze(0)

@@ -1,6 +1,6 @@
 """Check a downloaded Cityscapes folder and say exactly what is missing.
 
-    python scripts/prepare_cityscapes.py ROOT [--coarse] [--autolabel DIR] [--verify [--workers N]]
+    python -m scripts.prepare_cityscapes ROOT [--coarse] [--autolabel DIR] [--verify [--workers N]]
 
 Cityscapes comes from https://www.cityscapes-dataset.com/downloads/ (an account is needed): leftImg8bit_trainvaltest.zip
 and gtFine_trainvaltest.zip unpacked into ROOT (either as ROOT/leftImg8bit + ROOT/gtFine or in the zip-named folders
@@ -16,11 +16,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from datasets import build_dataset  # noqa: E402
-from datasets.base import DataError, DataNotFoundError, read_mask  # noqa: E402
-from datasets.cityscapes import (  # noqa: E402
+from datasets import build_dataset
+from datasets.base import DataError, DataNotFoundError, read_mask
+from datasets.cityscapes import (
     COARSE_SUFFIX,
     FINE_SUFFIX,
     IMAGE_SUFFIX,
@@ -29,8 +27,8 @@ from datasets.cityscapes import (  # noqa: E402
     find_layout,
     label_map,
 )
-from datasets.verify import find_bad_files, problem_line  # noqa: E402
-from utils.config import DataConfig  # noqa: E402
+from datasets.verify import find_bad_files, problem_line
+from utils.config import DataConfig
 
 EXPECTED = {"train": (18, 2975), "val": (3, 500), "test": (6, 1525), "train_extra": (23, 19998)}
 

@@ -1,6 +1,6 @@
 """Convert colour-coded masks (one RGB colour per class) to id masks for the custom dataset.
 
-    python scripts/prepare_color_masks.py COLOUR_DIR OUT_DIR --classes classes.yaml [--unknown ignore]
+    python -m scripts.prepare_color_masks COLOUR_DIR OUT_DIR --classes classes.yaml [--unknown ignore]
 
 Every PNG below COLOUR_DIR is written to the same relative path below OUT_DIR as a single-channel PNG holding the
 train id of each pixel's colour (the `colors` of the class list). Colours not in the list stop the conversion with
@@ -12,12 +12,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cv2
 
-import cv2  # noqa: E402
-
-from datasets.base import DataError, read_image  # noqa: E402
-from datasets.custom import colors_to_ids, read_class_list  # noqa: E402
+from datasets.base import DataError, read_image
+from datasets.custom import colors_to_ids, read_class_list
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Check a downloaded Mapillary Vistas (v1.2) folder and say exactly what is missing.
 
-    python scripts/prepare_mapillary.py ROOT [--verify [--workers N]]
+    python -m scripts.prepare_mapillary ROOT [--verify [--workers N]]
 
 Mapillary Vistas comes from https://www.mapillary.com/dataset/vistas (research licence): unpack it so that ROOT holds
 config.json and training/, validation/ (images/*.jpg, labels/*.png) and optionally testing/images.
@@ -14,13 +14,11 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from datasets import build_dataset  # noqa: E402
-from datasets.base import DataError, DataNotFoundError, read_mask  # noqa: E402
-from datasets.mapillary import SPLITS, read_config  # noqa: E402
-from datasets.verify import find_bad_files, problem_line  # noqa: E402
-from utils.config import DataConfig  # noqa: E402
+from datasets import build_dataset
+from datasets.base import DataError, DataNotFoundError, read_mask
+from datasets.mapillary import SPLITS, read_config
+from datasets.verify import find_bad_files, problem_line
+from utils.config import DataConfig
 
 EXPECTED = {"training": 18000, "validation": 2000, "testing": 5000}
 

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-
-import bench  # noqa: E402
-import network  # noqa: E402
-from bench_memory import LiveTensorBytes, PeakMemory, estimate_peak, tensor_bytes  # noqa: E402
-from network.mscale import fuse_step  # noqa: E402
+import network
+from network.mscale import fuse_step
+from scripts import bench
+from scripts.bench_memory import LiveTensorBytes, PeakMemory, estimate_peak, tensor_bytes
 
 # A 64x64 crop, not 32x32: at 32x32 HRNet's stride-32 branch is 1x1, where CPU bf16 training gives NaN gradients
 # in most runs (nondeterministically), which would make the bf16 row's update error NaN.
@@ -45,9 +41,10 @@ def _rows(results):
     yield from (("recipe", r) for r in results["recipe"]["flops"] + results["recipe"]["memory"])
 
 
+@pytest.mark.slow
 def test_every_section_fills_every_column(run):
     results, saved = run
-    assert saved["machine"]["device"].startswith("CPU") and saved["command"].startswith("python scripts/bench.py")
+    assert saved["machine"]["device"].startswith("CPU") and saved["command"].startswith("python -m scripts.bench")
     assert {r["model"] for r in results["train"]} == set(bench.PAIRS)
     assert len(results["infer"]) == len(bench.PAIRS) * len(bench.SCALE_SETS)
     assert {tuple(r["scales"]) for r in results["infer"]} == set(bench.SCALE_SETS)
@@ -69,6 +66,7 @@ def test_every_section_fills_every_column(run):
         assert row["data_images_per_s"] > 0 and row["headroom"] > 0
 
 
+@pytest.mark.slow
 def test_tables_have_a_cell_per_column(run):
     results, _ = run
     text = bench.tables(results)
@@ -84,6 +82,7 @@ def test_tables_have_a_cell_per_column(run):
         assert line.count("|") == header, line
 
 
+@pytest.mark.slow
 def test_optimisation_flags_keep_fp32_outputs(run):
     results, _ = run
     rows = {(r["phase"].split()[0], r["variant"]): r for r in results["opt"]}
@@ -99,6 +98,7 @@ def test_optimisation_flags_keep_fp32_outputs(run):
     assert rows[("train", baseline)]["output_err"] < 1e-4
 
 
+@pytest.mark.slow
 def test_recipe_section_counts_flops_and_memory(run):
     results, _ = run
     flops = {r["model"]: r for r in results["recipe"]["flops"]}

@@ -452,6 +452,7 @@ def test_mask_size_and_label_values(synth, tmp_path):
         ds[0]
 
 
+@pytest.mark.slow
 def test_augmentation_differs_between_epochs_and_samples(synth):
     cfg = data_cfg(synth)
     ds = build_dataset(cfg, "train", train=True)

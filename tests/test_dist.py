@@ -1,9 +1,10 @@
 """Distributed training on the CPU with the real launchers: torchrun (2 processes, and 2 "nodes" on localhost),
 gloo, SyncBN, preemption signals, a dead or hung rank, launcher environments and checkpoint faults.
 
-Run as a script (by torchrun or with RANK/WORLD_SIZE/... set), this file is the worker of those tests:
-    python tests/test_dist.py syncbn --out DIR
-    python tests/test_dist.py train [at=KIND:RANK:ITERATION] -- [train.py arguments]
+Run as a script (by torchrun or with RANK/WORLD_SIZE/... set, from the repository root), this file is the worker
+of those tests:
+    python -m tests.test_dist syncbn --out DIR
+    python -m tests.test_dist train [at=KIND:RANK:ITERATION] -- [train.py arguments]
 """
 from __future__ import annotations
 
@@ -16,19 +17,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
+from torch import nn
+
+import train as train_script
+from utils import dist as udist
+from utils.checkpoint import checkpoint_paths, read_checkpoint
+from utils.preempt import EXIT_PREEMPTED, Preemption
+from utils.cli import run_cli
+
+pytestmark = pytest.mark.dist
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import train as train_script  # noqa: E402
-from utils import dist as udist  # noqa: E402
-from utils.checkpoint import checkpoint_paths, read_checkpoint  # noqa: E402
-from utils.preempt import EXIT_PREEMPTED, Preemption  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
 
 TINY = {"trunk": "resnet18", "aspp_ch": 8, "fine_ch": 8, "head_ch": 8, "attn_ch": 8}
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -267,7 +268,7 @@ def test_two_torchrun_nodes_train_together_log_once_and_write_each_checkpoint_on
     assert [os.path.basename(p) for p in checkpoint_paths(str(run))] == ["ckpt_00000006.pth", "ckpt_00000004.pth"]
     ckpt = read_checkpoint(str(run / "ckpt_00000006.pth"))
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
-    assert ckpt["state"]["epoch"] == 3 and ckpt["world_size"] == 2
+    assert ckpt["state"]["epoch"] == 3 and len(ckpt["rng"]) == 2
     # one progress stream: each iteration once on stdout and in train.log; each rank has its own log file
     for text in (straight.stdout, (run / "train.log").read_text()):
         assert [sum(f"] {i}/6 " in line for line in text.splitlines()) for i in range(1, 7)] == [1] * 6
@@ -363,11 +364,11 @@ def test_a_checkpoint_killed_mid_write_is_skipped(tmp_path):
     assert [os.path.basename(p) for p in checkpoint_paths(str(run))] == ["ckpt_00000002.pth", "ckpt_00000001.pth"]
     good = (run / "ckpt_00000002.pth").read_bytes()
     # 1. killed (SIGKILL) while writing ckpt_3: only a temporary file is left, ckpt_2 stays the newest
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from utils import checkpoint as c\n"
+    code = ("import sys, torch; from utils import checkpoint as c\n"
             "def stop(obj, f, *a, **k): f.write(b'PK partial'); f.flush(); import os, signal; "
             "os.kill(os.getpid(), signal.SIGKILL)\n"
-            "torch.save = stop; c.save_run_checkpoint(sys.argv[2], 3, {'x': 1})")
-    killed = subprocess.run([sys.executable, "-c", code, str(ROOT), str(run)], env=clean_env())
+            "torch.save = stop; c.save_run_checkpoint(sys.argv[1], 3, {'x': 1})")
+    killed = subprocess.run([sys.executable, "-c", code, str(run)], env=clean_env())
     assert killed.returncode == -signal.SIGKILL
     assert any(p.name.startswith(".tmp_") for p in run.iterdir())
     assert os.path.basename(checkpoint_paths(str(run))[0]) == "ckpt_00000002.pth"
@@ -395,7 +396,7 @@ def test_preemption_in_one_process_with_accumulation_resumes_bit_identically(dat
     try:
         train_script.main(overrides(data_root, "acc_straight", 5, *args))
         with monkeypatch.context() as m:
-            m.setattr(train_script, "train_one_epoch", with_event(train_script.train_one_epoch, "signal", 0, 3))
+            m.setattr(train_script, "train_step", with_event(train_script.train_step, "signal", 0, 3))
             with pytest.raises(SystemExit) as e:
                 train_script.main(overrides(data_root, "acc_preempted", 5, *args))
         assert e.value.code == EXIT_PREEMPTED
@@ -447,14 +448,15 @@ def test_a_signal_during_the_final_evaluation_checkpoints_and_the_rerun_evaluate
 def test_channels_last_bf16_accumulation_and_compile_are_applied(tmp_path, monkeypatch):
     compiled, seen = [], {}
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
-    real = train_script.train_one_epoch
+    real = train_script.train_step
 
     def spy(*args, **kwargs):
         conv = next(m for m in args[0].modules() if isinstance(m, nn.Conv2d))
-        seen.update(kwargs, channels_last_weights=conv.weight.is_contiguous(memory_format=torch.channels_last))
+        seen.update(kwargs, channels_last_weights=conv.weight.is_contiguous(memory_format=torch.channels_last),
+                    accum_steps=len(args[1]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_script, "train_one_epoch", spy)
+    monkeypatch.setattr(train_script, "train_step", spy)
     train_script.main(overrides(tmp_path, "r", 2, "data.batch_size=2", "train.accum_steps=2", "train.compile=true",
                                 "train.channels_last=true", "train.precision=bf16"))
     assert len(compiled) == 1
@@ -467,23 +469,22 @@ def test_channels_last_bf16_accumulation_and_compile_are_applied(tmp_path, monke
 # ----------------------------------------------------------------------------------------------- worker
 
 
-def with_event(train_one_epoch, kind: str, rank: int, iteration: int):
-    """Wrap train.train_one_epoch so that rank `rank` meets `kind` just after step `iteration`: a SIGUSR1 to
-    itself (preemption), death (os._exit) or a hang."""
+def with_event(train_step, kind: str, rank: int, iteration: int):
+    """Wrap train.train_step so that rank `rank` meets `kind` just after step `iteration` of this process (before
+    that step is logged or checkpointed): a SIGUSR1 to itself (preemption), death (os._exit) or a hang."""
+    done = [0]
+
     def wrapped(*args, **kwargs):
-        state, on_step = args[6], args[10]
-
-        def step(scalars):
-            if state.iteration == iteration and int(os.environ.get("RANK", "0")) == rank:
-                if kind == "signal":
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                elif kind == "die":
-                    os._exit(3)
-                elif kind == "hang":
-                    time.sleep(600)
-            return on_step(scalars)
-
-        return train_one_epoch(*args[:10], step, *args[11:], **kwargs)
+        out = train_step(*args, **kwargs)
+        done[0] += 1
+        if done[0] == iteration and int(os.environ.get("RANK", "0")) == rank:
+            if kind == "signal":
+                os.kill(os.getpid(), signal.SIGUSR1)
+            elif kind == "die":
+                os._exit(3)
+            elif kind == "hang":
+                time.sleep(600)
+        return out
 
     return wrapped
 
@@ -505,7 +506,7 @@ def _worker_train(argv: list[str]) -> None:
     train_script.save_run_checkpoint = _record_saves(train_script.save_run_checkpoint)
     if event:
         kind, rank, iteration = event.split(":")
-        train_script.train_one_epoch = with_event(train_script.train_one_epoch, kind, int(rank), int(iteration))
+        train_script.train_step = with_event(train_script.train_step, kind, int(rank), int(iteration))
     run_cli(train_script.main, argv[1:])  # as `python train.py` does: one-line errors, exit code 2
 
 

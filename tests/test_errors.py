@@ -22,7 +22,7 @@ import torch
 import eval as eval_script
 import train as train_script
 from datasets.synthetic import generate_synthetic_cityscapes
-from utils.checkpoint import checkpoint_paths, read_checkpoint
+from utils.checkpoint import checkpoint_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}"
@@ -368,6 +368,7 @@ def _cli(script: str, *args: str, env_extra: dict | None = None) -> subprocess.C
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_shell_user_sees_one_line_without_traceback(tmp_path):
     proc = _cli("train.py", "train.ckpt_interval=0", f"train.output_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr
@@ -377,6 +378,7 @@ def test_shell_user_sees_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.pth'}"
 
 
+@pytest.mark.slow
 def test_debug_switch_shows_the_traceback(tmp_path):
     proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"train.output_dir={tmp_path}", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from network.mscale import MscaleBase, fuse_scales
+from network.mscale import MscaleBase
 from tests.eval_fixtures import tiny_model
 from utils.engine import evaluate, predict
-from utils.inference import Combo, MultiScalePass, scale_outputs, sweep_combos, window_starts
+from utils.inference import Combo, Inference, MultiScalePass, scale_outputs, sweep_combos, window_starts
 from utils.metrics import confusion_matrix
 
 SETS = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0], [0.25, 0.5, 1.0, 2.0]]
@@ -48,19 +48,27 @@ def up(x, size):
 # ----------------------------------------------------------------------------------------------- fusion rules
 
 
+def fused_by_the_pass(preds: dict[float, torch.Tensor], scales: list[float], rule: str) -> torch.Tensor:
+    """What evaluation computes (MultiScalePass.logits) from given per-scale logits, without running a network."""
+    run = MultiScalePass.__new__(MultiScalePass)
+    run.scales, run.outputs, run.mirrored, run._cache = tuple(sorted(preds, reverse=True)), \
+        {s: {"pred": p} for s, p in preds.items()}, None, {}
+    return run.logits(Combo.make(scales, rule, False))
+
+
 def test_average_and_max_fusion_against_hand_written_reference():
     torch.manual_seed(0)
     p = {0.5: torch.randn(2, 3, 4, 6), 1.0: torch.randn(2, 3, 8, 12), 2.0: torch.randn(2, 3, 16, 24)}
     a, b, c = up(p[0.5], (8, 12)), p[1.0], up(p[2.0], (8, 12))
-    assert torch.allclose(fuse_scales(p, [0.5, 1.0, 2.0], "average"), (a + b + c) / 3, atol=1e-6)
+    assert torch.allclose(fused_by_the_pass(p, [0.5, 1.0, 2.0], "average"), (a + b + c) / 3, atol=1e-6)
     expected_max = torch.where(a > b, a, b)
     expected_max = torch.where(c > expected_max, c, expected_max)
-    assert torch.equal(fuse_scales(p, [0.5, 1.0, 2.0], "max"), expected_max)
-    assert torch.allclose(fuse_scales(p, [1.0, 2.0], "average"), (b + c) / 2, atol=1e-6)
+    assert torch.equal(fused_by_the_pass(p, [0.5, 1.0, 2.0], "max"), expected_max)
+    assert torch.allclose(fused_by_the_pass(p, [1.0, 2.0], "average"), (b + c) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="unknown fusion rule"):
-        fuse_scales(p, [0.5, 1.0], "median")
+        fused_by_the_pass(p, [0.5, 1.0], "median")
     with pytest.raises(ValueError, match="contain 1.0"):
-        fuse_scales(p, [0.5, 2.0], "average")
+        fused_by_the_pass(p, [0.5, 2.0], "average")
 
 
 def test_pass_fusions_match_references_built_from_the_model():
@@ -90,7 +98,7 @@ def test_attention_chain_of_every_subset_equals_the_model_run_on_that_subset():
         for scales in SETS + [[1.0, 2.0], [0.25, 1.0]]:
             ref = model(x, scales=scales)["pred"]
             assert torch.equal(run.logits(Combo.make(scales, "attention", False)), ref), scales
-            assert torch.equal(predict(model, x, scales)["pred"], ref)
+            assert torch.equal(predict(model, x, Inference.make(scales))["pred"], ref)
 
 
 # ----------------------------------------------------------------------------------------------- sweep
@@ -106,6 +114,7 @@ def batches(num_classes: int, n: int = 3, seed: int = 1):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_evaluations_and_runs_each_scale_once():
     model = tiny_model(num_classes=5)
     loader = batches(5)
@@ -114,7 +123,9 @@ def test_sweep_equals_separate_evaluations_and_runs_each_scale_once():
     calls = []
     real = model.single_forward
     model.single_forward = lambda x: calls.append(tuple(x.shape[-2:])) or real(x)
-    swept = evaluate(model, loader, 5, 255, [0.5, 1.0], torch.device("cpu"), sweep=combos)
+    how = Inference.make([0.5, 1.0], sweep_sets=SETS, sweep_fusions=RULES, sweep_flips=[False, True])
+    assert how.sweep(model) == combos
+    swept = evaluate(model, loader, 5, 255, how, torch.device("cpu"))
     # per batch: each distinct scale of the union once, and once mirrored
     assert len(calls) == len(loader) * 4 * 2
     assert sorted(set(calls)) == sorted({(12, 16), (24, 32), (48, 64), (96, 128)})
@@ -123,7 +134,7 @@ def test_sweep_equals_separate_evaluations_and_runs_each_scale_once():
     assert set(hists) == set(combos) | {Combo.make([0.5, 1.0], "attention", False)}
     for combo in combos:
         fusion = None if combo.fusion == "none" else combo.fusion
-        alone = evaluate(model, loader, 5, 255, combo.scales, torch.device("cpu"), fusion=fusion, flip=combo.flip)
+        alone = evaluate(model, loader, 5, 255, Inference.make(combo.scales, fusion, combo.flip), torch.device("cpu"))
         assert torch.equal(hists[combo], alone.hist), combo.label
         if combo.fusion in ("attention", "none") and not combo.flip:  # the model's own n-scale forward
             ref = sum(confusion_matrix(model(b["image"], scales=combo.scales)["pred"].argmax(1), b["mask"], 5)
@@ -158,10 +169,10 @@ def test_should_stop_ends_the_loop_before_the_next_batch():
         asked.append(1)
         return len(asked) > 2
 
-    result = evaluate(model, loader, 3, 255, [1.0], torch.device("cpu"), should_stop=stop)
+    result = evaluate(model, loader, 3, 255, Inference.make([1.0]), torch.device("cpu"), should_stop=stop)
     assert result.stopped and len(asked) == 3 and math.isnan(result.loss)
     assert result.hist.sum() == sum(int((b["mask"] != 255).sum()) for b in loader[:2])
-    full = evaluate(model, loader, 3, 255, [1.0], torch.device("cpu"), should_stop=lambda: False)
+    full = evaluate(model, loader, 3, 255, Inference.make([1.0]), torch.device("cpu"), should_stop=lambda: False)
     assert not full.stopped and full.hist.sum() == sum(int((b["mask"] != 255).sum()) for b in loader)
 
 
@@ -189,11 +200,11 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model():
         for s in whole:
             for k in ("pred", "attn"):
                 assert torch.allclose(whole[s][k], tiled[s][k], atol=1e-6), (s, k)
-        a = predict(model, x, [0.5, 1.0, 2.0], flip=True)["pred"]
-        b = predict(model, x, [0.5, 1.0, 2.0], flip=True, window=[16, 24], overlap=0.5)["pred"]
+        a = predict(model, x, Inference.make([0.5, 1.0, 2.0], flip=True))["pred"]
+        b = predict(model, x, Inference.make([0.5, 1.0, 2.0], flip=True, window=[16, 24], overlap=0.5))["pred"]
         assert torch.allclose(a, b, atol=1e-6)
         # a window larger than the image is one whole-image call
-        assert torch.equal(predict(model, x, [1.0], window=[64, 64])["pred"], predict(model, x, [1.0])["pred"])
+        assert torch.equal(predict(model, x, Inference.make([1.0], window=[64, 64]))["pred"], predict(model, x, Inference.make([1.0]))["pred"])
 
 
 def test_sliding_window_differs_from_whole_image_only_at_the_seams():
@@ -229,10 +240,10 @@ def test_labels_at_native_size_are_scored_and_dumped_at_that_size(tmp_path):
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(2, 3, 24, 32, generator=g), "mask": torch.randint(0, 3, (2, 48, 64), generator=g),
              "name": ["x", "y"]}
-    result = evaluate(model, [batch], 3, 255, [0.5, 1.0], torch.device("cpu"), dump_dir=str(tmp_path), dump="all",
+    result = evaluate(model, [batch], 3, 255, Inference.make([0.5, 1.0]), torch.device("cpu"), dump_dir=str(tmp_path), dump="all",
                       palette=torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0]]).numpy())
     assert result.hist.sum() == 2 * 48 * 64
-    logits = F.interpolate(predict(model, batch["image"], [0.5, 1.0])["pred"], size=(48, 64), mode="bilinear",
+    logits = F.interpolate(predict(model, batch["image"], Inference.make([0.5, 1.0]))["pred"], size=(48, 64), mode="bilinear",
                            align_corners=False)
     assert torch.equal(result.hist, confusion_matrix(logits.argmax(1), batch["mask"], 3))
     assert {e["name"] for e in result.images} == {"x", "y"}

@@ -21,6 +21,7 @@ from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.dumps import image_miou, train_to_label_lut
 from utils.engine import predict
+from utils.inference import Inference
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_dump_selection_worst_and_every(setup, tmp_path):
         scores = {}
         for i in range(len(ds)):
             item = ds[i]
-            pred = predict(model, item["image"][None], [0.5, 1.0])["pred"].argmax(1)[0]
+            pred = predict(model, item["image"][None], Inference.make([0.5, 1.0]))["pred"].argmax(1)[0]
             scores[item["name"]] = image_miou(pred, item["mask"], 19)
     expected = sorted(scores, key=scores.get)[:2]
     run(setup, worst_out, "eval.dump=worst", "eval.num_dump=2")
@@ -134,7 +135,7 @@ def test_submission_label_ids_round_trip_and_resume(setup, tmp_path):
         assert ids.dtype == np.uint8 and ids.shape == (HEIGHT, WIDTH)
         assert set(np.unique(ids)) <= {7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33}
         with torch.no_grad():
-            pred = predict(model, item["image"][None], [0.5, 1.0])["pred"].argmax(1)[0].numpy()
+            pred = predict(model, item["image"][None], Inference.make([0.5, 1.0]))["pred"].argmax(1)[0].numpy()
         assert np.array_equal(table(ids), pred)  # label ids map back to the predicted train ids
     # resume: nothing is rewritten; a deleted file is written again
     first = out / "submit" / f"{ds[0]['name']}_leftImg8bit.png"

@@ -3,6 +3,7 @@ setting and every sweep combination), loss, image count and 'worst' image select
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,7 +13,9 @@ from tests.eval_fixtures import NUM_VAL, make_setup, tiny_model
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.engine import evaluate
-from utils.inference import sweep_combos
+from utils.inference import Inference
+
+pytestmark = pytest.mark.dist
 
 SETS = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
 
@@ -23,9 +26,9 @@ def run_eval(overrides, ckpt, out_dir, rank=0, world_size=1):
     loader = build_loader(ds, cfg.data, False, rank, world_size)
     model = tiny_model()
     load_checkpoint(model, ckpt)
-    combos = sweep_combos(SETS, ["attention", "average", "max"], [False, True], model)
-    result = evaluate(model, loader, ds.num_classes, ds.ignore_index, [0.5, 1.0], torch.device("cpu"),
-                      sweep=combos, dump_dir=out_dir, dump="worst", num_dump=2, palette=ds.palette)
+    how = Inference.make([0.5, 1.0], sweep_sets=SETS, sweep_fusions=["attention", "average", "max"])
+    result = evaluate(model, loader, ds.num_classes, ds.ignore_index, how, torch.device("cpu"),
+                      dump_dir=out_dir, dump="worst", num_dump=2, palette=ds.palette)
     return {"hist": result.hist, "sweep": [(c.label, h) for c, h in result.sweep], "loss": result.loss,
             "seen": result.images_seen, "worst": [(e["name"], e["score"]) for e in result.images],
             "local": len(loader.sampler)}

@@ -14,6 +14,7 @@ from PIL import Image
 import eval as eval_script
 import network
 from utils.engine import predict
+from utils.inference import Inference
 
 LABELS = [
     {"readable": "Road", "name": "construction--flat--road", "color": [128, 64, 128], "evaluate": True},
@@ -77,7 +78,7 @@ def expected_hist(root, model, scales) -> np.ndarray:
             image, label = image.resize(size, Image.BILINEAR), label.resize(size, Image.NEAREST)
         x = torch.from_numpy(((np.asarray(image, np.float64) - mean) / std).astype(np.float32)).permute(2, 0, 1)
         with torch.inference_mode():
-            pred = predict(model, x[None], scales)["pred"][0].argmax(0).numpy()
+            pred = predict(model, x[None], Inference.make(scales))["pred"][0].argmax(0).numpy()
         gt = np.asarray(label).astype(np.int64)
         keep = gt < 3
         hist += np.bincount(3 * gt[keep] + pred[keep], minlength=9).reshape(3, 3)

@@ -17,6 +17,7 @@ def export_script():
     return module
 
 
+@pytest.mark.slow
 def test_exported_multiscale_model_matches_pytorch(tmp_path, capsys):
     overrides, ckpt = make_setup(str(tmp_path), fit=False)
     out = tmp_path / "model.onnx"

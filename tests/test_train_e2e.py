@@ -23,6 +23,7 @@ def overrides(tmp_path, max_iter=4, run="run"):
     ]
 
 
+@pytest.mark.slow
 def test_train_writes_run_folder_and_evaluates(tmp_path):
     metrics = train_script.main(overrides(tmp_path))
     run = tmp_path / "runs" / "run"
@@ -50,30 +51,27 @@ def test_train_writes_run_folder_and_evaluates(tmp_path):
     assert any(p.name.endswith("_attn_2.0x.png") for p in (tmp_path / "ev").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     torch.use_deterministic_algorithms(True)
     try:
         train_script.main(overrides(tmp_path, max_iter=6, run="straight"))
         straight = read_checkpoint(str(tmp_path / "runs" / "straight" / "ckpt_00000006.pth"))["model"]
 
-        real = train_script.train_one_epoch
+        real = train_script.train_step
+        steps = []
 
         def crash_at_5(*args, **kwargs):
-            state, on_step = args[6], args[10]
+            out = real(*args, **kwargs)
+            steps.append(1)
+            if len(steps) == 5:  # killed after step 5, before its logging and checkpoint
+                raise KeyboardInterrupt("simulated kill")
+            return out
 
-            def step(scalars):
-                if state.iteration == 5:
-                    raise KeyboardInterrupt("simulated kill")
-                return on_step(scalars)
-
-            args = list(args)
-            args[10] = step
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train_script, "train_one_epoch", crash_at_5)
+        monkeypatch.setattr(train_script, "train_step", crash_at_5)
         with pytest.raises(KeyboardInterrupt):
             train_script.main(overrides(tmp_path, max_iter=6, run="resumed"))
-        monkeypatch.setattr(train_script, "train_one_epoch", real)
+        monkeypatch.setattr(train_script, "train_step", real)
         train_script.main(overrides(tmp_path, max_iter=6, run="resumed"))  # --resume auto is the default
     finally:
         torch.use_deterministic_algorithms(False)
@@ -108,6 +106,7 @@ def test_non_finite_loss_stops_training_with_the_iteration(tmp_path, monkeypatch
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
     # 8 images, batch 4: 2 steps per epoch; 3 epochs; validation after epochs 1 and 2, then the final one.
     args = [a for a in overrides(tmp_path) if not a.startswith("train.max_iter")]
@@ -149,7 +148,20 @@ def test_epochs_of_different_lengths_are_each_trained_once(tmp_path, monkeypatch
     train_script.main(args + ["train.max_iter=0", "train.max_epoch=3", "train.lr_step=epoch"])
     run = tmp_path / "runs" / "run"
     state = read_checkpoint(checkpoint_paths(str(run))[0])["state"]
-    assert (state["iteration"], state["epoch"]) == (4, 3)
+    assert (state["iteration"], state["epoch"], state["epoch_samples"]) == (4, 3, 0)
     rows = [json.loads(line) for line in open(run / "metrics.jsonl") if '"train"' in line]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3])  # poly per epoch
+
+
+def test_data_pipeline_warnings_reach_train_log(tmp_path):
+    from datasets.synthetic import generate_synthetic_cityscapes
+
+    data = tmp_path / "data"
+    generate_synthetic_cityscapes(str(data), 8, 2, 64, 128, 0)
+    bad = sorted((data / "leftImg8bit" / "train").rglob("*_leftImg8bit.png"))[0]
+    bad.write_bytes(b"not a png")
+    args = [a for a in overrides(tmp_path, max_iter=2) if not a.startswith("data.root")]
+    train_script.main(args + ["data.dataset=cityscapes", f"data.root={data}", "data.skip_bad=true"])
+    log = (tmp_path / "runs" / "run" / "train.log").read_text()
+    assert "WARNING: skipping unreadable sample" in log and bad.name in log

@@ -1,8 +1,7 @@
 """Checkpoints: atomic writes, auto-resume, and loading of ours and the original's snapshots.
 
-Our files hold {'format': 'hmsa', 'arch', 'num_classes', 'config', 'model', 'optimizer', 'scheduler', 'scaler',
-'state' (iteration, epoch, sampler position, best so far), 'rng', 'world_size'}, and best.pth also 'best' (mIoU,
-iteration, epoch). The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_classes', 'epoch',
+Our files hold {'format': 'hmsa', 'config', 'model', 'optimizer', 'scheduler', 'scaler', 'state' (iteration,
+data position, best so far), 'rng' (one entry per rank)}, and best.pth also 'best' (mIoU, iteration, epoch). The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_classes', 'epoch',
 'optimizer', 'mean_iu', 'command'}; both load here.
 """
 from __future__ import annotations

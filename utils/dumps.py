@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from .dist import all_gather_objects
 from .metrics import confusion_matrix
 from .visualize import denormalize, sample_images, write_images
 
@@ -95,15 +95,6 @@ def make_record(
     )
 
 
-def _gather(obj: object) -> list:
-    """`obj` of every rank, in rank order (just [obj] in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class ImageDumper:
     """Writes the selected images' pictures to `out_dir` as `{name}_{kind}.png`."""
 
@@ -154,13 +145,13 @@ class ImageDumper:
         (sorted by index, or by score for 'worst')."""
         if self.mode == "worst":
             mine = [(r.score, r.name) for r in self._worst]
-            everyone = sorted(x for part in _gather(mine) for x in part)[: self.n]
+            everyone = sorted(x for part in all_gather_objects(mine) for x in part)[: self.n]
             keep = set(everyone)
             for rec in sorted(self._worst, key=lambda r: r.score):
                 if (rec.score, rec.name) in keep:
                     self._write(rec)
             self._worst = []
-        entries = [e for part in _gather(self.entries) for e in part]
+        entries = [e for part in all_gather_objects(self.entries) for e in part]
         key = (lambda e: (e["score"], e["index"])) if self.mode == "worst" else (lambda e: e["index"])
         return sorted(entries, key=key)
 

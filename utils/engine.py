@@ -1,12 +1,13 @@
-"""The training step loop and the evaluation loop, shared by train.py and eval.py."""
+"""The training step, the training data stream and the evaluation loop, shared by train.py, eval.py and the benchmarks."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,18 +20,16 @@ from network.layers import resize
 
 from .dist import all_reduce_sum, no_sync
 from .dumps import ImageDumper, LabelIdWriter, image_miou, make_record
-from .inference import Combo, MultiScalePass, check_window, resolve_fusion
+from .inference import Combo, Inference, MultiScalePass
 from .metrics import confusion_counter
 from .precision import autocast
 
 
 @dataclass
 class TrainState:
-    """Everything about progress that a resume restores (besides model/optimizer/scheduler/scaler)."""
+    """Progress that a resume restores besides model, optimizer, scheduler, scaler and the data position."""
 
     iteration: int = 0  # optimizer steps done
-    epoch: int = 0
-    epoch_samples: int = 0  # samples of `epoch` consumed by all ranks together (the sampler's resume position)
     best_miou: float = -1.0
     best_iteration: int = -1
 
@@ -38,10 +37,6 @@ class TrainState:
 def poly_lambda(max_steps: int, power: float) -> Callable[[int], float]:
     """LR factor (1 - step/max_steps) ** power, clamped at 0 past the end."""
     return lambda step: max(0.0, 1.0 - step / max_steps) ** power
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 class Progress:
@@ -63,88 +58,100 @@ class Progress:
         self.log(f"[{bar}] {iteration}/{self.total}  {fields}  {rate:.2f} it/s  eta {eta_s}")
 
 
-def train_one_epoch(
+class TrainBatches:
+    """The training data as a stream of optimizer steps, and the owner of the data position.
+
+    Each step takes `accum_steps` batches of the loader; `global_batch` samples (all ranks together) per step.
+    The position is (epoch, samples of that epoch consumed by all ranks); it checkpoints itself (`state_dict`)
+    and a resumed stream continues with the next sample. An epoch's length is what the dataset says for that
+    epoch (it can change, e.g. when coarse data is switched off); batches left over at an epoch's end (fewer than
+    one step) are not used.
+    """
+
+    def __init__(self, loader: Any, accum_steps: int, global_batch: int, world_size: int) -> None:
+        self.loader, self.accum_steps = loader, accum_steps
+        self.global_batch, self.world_size = global_batch, world_size
+        self.epoch, self.epoch_samples = 0, 0
+        self._batches: Iterator[dict[str, Any]] | None = None
+        self._steps = 0
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps in `epoch`."""
+        self.loader.sampler.set_epoch(epoch)
+        self._batches = None  # the sampler now points at `epoch`: start the current one afresh
+        return len(self.loader) // self.accum_steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "epoch_samples": self.epoch_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.epoch_samples = int(state["epoch"]), int(state["epoch_samples"])
+        self._batches = None
+
+    def next_step(self) -> list[dict[str, Any]]:
+        """The batches of the next optimizer step."""
+        if self._batches is None:
+            self._steps = self.epoch_steps(self.epoch)
+            if self._steps == 0:
+                raise ValueError(f"epoch {self.epoch} has fewer samples than one step of {self.global_batch} "
+                                 "(data.batch_size x train.accum_steps x processes): lower data.batch_size")
+            self.loader.sampler.set_epoch(self.epoch, skip=self.epoch_samples // self.world_size)
+            self._batches = iter(self.loader)
+        return [next(self._batches) for _ in range(self.accum_steps)]
+
+    def step_done(self) -> bool:
+        """Count the step's samples; True when it was the last step of its epoch (the position moves on)."""
+        self.epoch_samples += self.global_batch
+        if self.epoch_samples < self._steps * self.global_batch:
+            return False
+        self.epoch, self.epoch_samples, self._batches = self.epoch + 1, 0, None
+        return True
+
+
+def train_step(
     model: nn.Module,
-    loader: Iterable[dict[str, Any]],
+    batches: Sequence[dict[str, Any]],
     criterion: Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    state: TrainState,
-    max_iter: int,
-    device: torch.device,
-    precision: str,
-    on_step: Callable[[dict[str, torch.Tensor]], bool],
-    step_lr_per_iter: bool = True,
     *,
-    accum_steps: int = 1,
-    samples_per_step: int = 0,
+    precision: str,
+    device: torch.device,
     channels_last: bool = False,
-) -> bool:
-    """Run optimizer steps over one pass of `loader` (or until `max_iter`), each on `accum_steps` batches.
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over `batches` (its micro-batches); returns the loss terms, averaged, on the device.
 
-    A step's gradient is the mean over its micro-batches; DDP all-reduces it once, on the last one. Batches left
-    over at the end of the pass (fewer than `accum_steps`) are not used. `samples_per_step` (all ranks together)
-    advances `state.epoch_samples`, the position a mid-epoch resume skips to.
-    After each step `on_step(scalars)` logs, checkpoints, validates; it returns False to stop early (preemption).
-    The scalars (loss terms, learning rate) stay on the device, so that a step needs no host synchronisation
-    unless `on_step` reads them (at logging steps).
-    Returns False when training stopped before the end of the epoch.
+    The step's gradient is the mean over the micro-batches; DDP all-reduces it once, on the last one. Nothing is
+    read back to the host: a caller that logs every few steps synchronises only then.
     """
-    model.train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    micro = 0
+    accum = len(batches)
+    optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
-    for batch in loader:
-        if state.iteration >= max_iter:
-            return True
+    for i, batch in enumerate(batches):
         images = batch["image"].to(device, non_blocking=True, memory_format=fmt)
         target = batch["mask"].to(device, non_blocking=True)
-        if micro == 0:
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        with no_sync(model, skip=micro < accum_steps):
+        with no_sync(model, skip=i < accum - 1):
             with autocast(precision, device):
                 outputs = model(images)
             total, terms = criterion(outputs, target)
-            scaler.scale(total / accum_steps if accum_steps > 1 else total).backward()
+            scaler.scale(total / accum if accum > 1 else total).backward()
         for k, v in {"loss": total, **terms}.items():
             sums[k] = sums.get(k, 0) + v.detach()
-        if micro < accum_steps:
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        if step_lr_per_iter:
-            scheduler.step()
-        state.iteration += 1
-        state.epoch_samples += samples_per_step
-        scalars = {k: v / accum_steps for k, v in sums.items()}
-        micro, sums = 0, {}
-        if not on_step(scalars | {"lr": torch.tensor(optimizer.param_groups[0]["lr"])}):
-            return False
-    return True
+    scaler.step(optimizer)
+    scaler.update()
+    return {k: v / accum for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------------------------- inference
 
 
-def predict(
-    model: nn.Module,
-    images: torch.Tensor,
-    scales: Sequence[float],
-    flip: bool = False,
-    fusion: str | None = None,
-    window: Sequence[int] = (),
-    overlap: float = 0.25,
-) -> dict[str, torch.Tensor]:
-    """Logits `pred` at input size under `scales` (the mirrored pass averaged in when `flip`), and each scale's own
-    `pred_{s}x` (and `attn_{s}x` for attention models) at that scale's resolution.
-
-    fusion: attention (hierarchical, the default; 'average' for models without scale attention), average or max.
-    window: [height, width] for sliding-window inference at every scale ([] for whole images).
-    """
-    combo = Combo.make(scales, resolve_fusion(model, fusion), flip)
-    run = MultiScalePass(model, images, combo.scales, flip, check_window(window, overlap), overlap)
+def predict(model: nn.Module, images: torch.Tensor, how: Inference) -> dict[str, torch.Tensor]:
+    """Logits `pred` at input size under `how` (scales, fusion, flip, window; the mirrored pass averaged in when it
+    flips), and each scale's own `pred_{s}x` (and `attn_{s}x` for attention models) at that scale's resolution.
+    The caller chooses the autocast context (`how.precision` is applied by `evaluate`)."""
+    combo = how.combo(model)
+    run = MultiScalePass(model, images, combo.scales, combo.flip, how.window, how.overlap)
     return {"pred": run.logits(combo), **run.maps()}
 
 
@@ -170,40 +177,33 @@ def evaluate(
     loader: Iterable[dict[str, Any]],
     num_classes: int,
     ignore_index: int,
-    scales: Sequence[float],
+    how: Inference,
     device: torch.device,
-    precision: str = "fp32",
-    flip: bool = False,
+    *,
     dump_dir: str | None = None,
+    dump: str = "first",
     num_dump: int = 0,
     palette: Any = None,
     should_stop: Callable[[], bool] | None = None,
-    *,
-    fusion: str | None = None,
-    window: Sequence[int] = (),
-    overlap: float = 0.25,
-    sweep: Sequence[Combo] = (),
-    dump: str = "first",
     label_writer: LabelIdWriter | None = None,
 ) -> EvalResult:
     """Confusion matrix and mean CE loss over `loader`, summed across ranks; image dumps; label-id files.
 
-    The evaluated setting is (scales, fusion, flip). `sweep` adds more (scale set, fusion, flip) combinations,
-    read from the same per-scale network outputs (the network runs once per distinct scale per image, and once
-    more per scale mirrored if any combination flips); their confusion matrices come back in `sweep`.
-    Batches without 'mask' (folders, test splits) give no metrics, only dumps and label ids.
+    The evaluated setting is `how` (scales, fusion, flip, window, precision); its sweep combinations (scale set,
+    fusion, flip) are read from the same per-scale network outputs (the network runs once per distinct scale per
+    image, and once more per scale mirrored if any combination flips); their confusion matrices come back in
+    `sweep`. Batches without 'mask' (folders, test splits) give no metrics, only dumps and label ids.
     Pictures (`dump_dir`, selection `dump` with N = `num_dump`, see utils/dumps.py) come from every rank and
     batch element.
     `should_stop()` is asked once before each batch (preemption); when it answers True the loop ends at once,
     nothing is all-reduced and the result has `stopped=True` with this rank's partial counts.
     """
     model.eval()
-    setting = Combo.make(scales, resolve_fusion(model, fusion), flip)
-    combos = [setting] + [c for c in sweep if c != setting]
+    setting = how.combo(model)
+    combos = [setting] + [c for c in how.sweep(model) if c != setting]
     position = {c: i for i, c in enumerate(combos)}
     run_scales = sorted({s for c in combos for s in c.scales}, reverse=True)
     run_flip = any(c.flip for c in combos)
-    win = check_window(window, overlap)
     dumper = None
     if dump_dir is not None:
         dumper = ImageDumper(dump_dir, dump, num_dump, palette, ignore_index, num_classes)
@@ -217,8 +217,8 @@ def evaluate(
                               sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]))
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
-        with autocast(precision, device):
-            run = MultiScalePass(model, images, run_scales, run_flip, win, overlap)
+        with autocast(how.precision, device):
+            run = MultiScalePass(model, images, run_scales, run_flip, how.window, how.overlap)
         logits = run.logits(setting).float()
         if target is not None and logits.shape[-2:] != target.shape[-2:]:
             logits = resize(logits, target.shape[-2:])  # labels kept at native size (data.eval_native_labels)
@@ -270,6 +270,7 @@ class RunLogger:
 
     def __init__(self, run_dir: str, enabled: bool = True, purge_step: int | None = None,
                  rank: int | None = None, resume_iteration: int | None = None) -> None:
+        self.bridge: _LogBridge | None = None
         self.enabled = enabled
         self.run_dir = run_dir
         self.rank = rank
@@ -290,6 +291,19 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
+
+    def capture_modules(self) -> None:
+        """Route the project's module loggers (`logging.getLogger(__name__)` in datasets/, utils/, ...) here, so
+        that their messages reach train.log and stderr like this logger's own (and data-loader workers', which
+        inherit the routing)."""
+        self.bridge = _LogBridge(self)
+        for name in PROJECT_LOGGERS:
+            logger = logging.getLogger(name)
+            for old in [h for h in logger.handlers if isinstance(h, _LogBridge)]:  # a run that ended in an error
+                logger.removeHandler(old)
+            logger.setLevel(logging.INFO)
+            logger.addHandler(self.bridge)
+            logger.propagate = False
 
     def _stamp(self, message: str) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n"
@@ -322,6 +336,11 @@ class RunLogger:
             self.writer.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
+        if self.bridge is not None:
+            for name in PROJECT_LOGGERS:
+                logging.getLogger(name).removeHandler(self.bridge)
+                logging.getLogger(name).propagate = True
+            self.bridge = None
         if self.rank_file is not None:
             self.rank_file.close()
             self.rank_file = None
@@ -330,6 +349,29 @@ class RunLogger:
             self.text.close()
             self.metrics.close()
             self.writer = None
+
+
+PROJECT_LOGGERS = ("datasets", "transforms", "network", "loss", "utils")
+
+
+class _LogBridge(logging.Handler):
+    """stdlib logging records -> RunLogger (warnings and errors to stderr and the log files, the rest as info)."""
+
+    def __init__(self, target: RunLogger) -> None:
+        super().__init__(logging.INFO)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.levelno >= logging.ERROR:
+                self.target.error(message)
+            elif record.levelno >= logging.WARNING:
+                self.target.warn(message)
+            else:
+                self.target.info(message)
+        except Exception:  # a logging failure must not stop training
+            self.handleError(record)
 
 
 def _drop_rows_after(path: str, iteration: int) -> None:

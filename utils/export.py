@@ -10,16 +10,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import Combo, MultiScalePass, resolve_fusion
+from .inference import Inference, MultiScalePass
 
 
 class FixedScaleModel(nn.Module):
     """images [N,3,H,W] -> fused logits [N,K,H,W] for one (scale set, fusion, flip): what gets exported."""
 
-    def __init__(self, model: nn.Module, scales: Sequence[float], fusion: str | None = None, flip: bool = False):
+    def __init__(self, model: nn.Module, how: Inference):
         super().__init__()
         self.model = model
-        self.combo = Combo.make(scales, resolve_fusion(model, fusion), flip)
+        self.combo = how.combo(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return MultiScalePass(self.model, images, self.combo.scales, self.combo.flip).logits(self.combo)

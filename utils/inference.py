@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,6 +94,60 @@ def sweep_combos(
                 if c not in out:
                     out.append(c)
     return out
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How to infer, validated once and passed whole to evaluation, prediction, video and export: the scales
+    (high to low), the fusion rule, flip, the sliding window and its overlap, the precision, and the scale-set
+    sweep's extra combinations. Build it with `make` (checks every value) or `from_config`."""
+
+    scales: tuple[float, ...]
+    fusion: str = "attention"
+    flip: bool = False
+    window: tuple[int, int] | None = None  # sliding window (height, width) at every scale; None: whole images
+    overlap: float = 0.25
+    precision: str = "fp32"
+    sweep_sets: tuple[tuple[float, ...], ...] = ()  # eval.scale_sets: also evaluated in the same pass
+    sweep_fusions: tuple[str, ...] = FUSION_RULES
+    sweep_flips: tuple[bool, ...] = (False, True)
+
+    @classmethod
+    def make(
+        cls,
+        scales: Sequence[float],
+        fusion: str | None = "attention",
+        flip: bool = False,
+        window: Sequence[int] = (),
+        overlap: float = 0.25,
+        precision: str = "fp32",
+        sweep_sets: Iterable[Sequence[float]] = (),
+        sweep_fusions: Sequence[str] = FUSION_RULES,
+        sweep_flips: Sequence[bool] = (False, True),
+    ) -> "Inference":
+        fusion = fusion or "attention"
+        if fusion not in FUSION_RULES:
+            raise ValueError(f"eval.fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
+        sets = tuple(tuple(check_scales(list(s))) for s in sweep_sets)
+        return cls(tuple(check_scales(list(scales))), fusion, bool(flip), check_window(window, overlap),
+                   float(overlap), precision, sets, tuple(sweep_fusions), tuple(bool(f) for f in sweep_flips))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Inference":
+        """The inference of a Config: eval.* and the shared precision."""
+        e = cfg.eval
+        return cls.make(e.scales, e.fusion, e.flip, e.window, e.overlap, cfg.train.precision, e.scale_sets,
+                        e.sweep_fusions, e.sweep_flips)
+
+    def combo(self, model: nn.Module) -> "Combo":
+        """The evaluated (scales, fusion, flip) for `model` (attention falls back to averaging without attention)."""
+        return Combo.make(self.scales, resolve_fusion(model, self.fusion), self.flip)
+
+    def sweep(self, model: nn.Module) -> list["Combo"]:
+        """The sweep's combinations (with single scale as the reference row), or [] without eval.scale_sets."""
+        if not self.sweep_sets:
+            return []
+        return sweep_combos(list(self.sweep_sets) + [[1.0]], self.sweep_fusions, self.sweep_flips, model)
 
 
 # ----------------------------------------------------------------------------------------------- sliding window

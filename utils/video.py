@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import Combo, MultiScalePass, check_window, resolve_fusion
+from .inference import Inference, MultiScalePass
 from .precision import autocast
 from .visualize import colorize, denormalize, heatmap, overlay, side_by_side
 
@@ -111,20 +111,14 @@ def annotate_video(
     transform: Callable[..., tuple[torch.Tensor, Any]],
     palette: np.ndarray,
     device: torch.device,
-    scales: Sequence[float],
-    flip: bool = False,
-    fusion: str | None = None,
-    window: Sequence[int] = (),
-    overlap: float = 0.25,
-    precision: str = "fp32",
+    how: Inference,
     attention: bool = False,
     progress: ProgressLine | None = None,
 ) -> int:
     """Segment every frame of `reader` and write the annotated video to `out_path` (mp4v); returns the number
     of frames written. `transform(rgb, None)` gives the normalised image tensor (the evaluation transform)."""
     model.eval()
-    combo = Combo.make(scales, resolve_fusion(model, fusion), flip)
-    win = check_window(window, overlap)
+    combo = how.combo(model)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     writer = None
     count = 0
@@ -132,8 +126,8 @@ def annotate_video(
         for rgb in reader:
             image, _ = transform(rgb, None)
             batch = image.unsqueeze(0).to(device)
-            with autocast(precision, device):
-                run = MultiScalePass(model, batch, combo.scales, combo.flip, win, overlap)
+            with autocast(how.precision, device):
+                run = MultiScalePass(model, batch, combo.scales, combo.flip, how.window, how.overlap)
             out = {"pred": run.logits(combo)[0], **{k: v[0] for k, v in run.maps().items()}}
             frame = annotate_frame(image, out, palette, attention and "attn_1.0x" in out)
             if writer is None:

@@ -7,13 +7,15 @@ import cv2
 import numpy as np
 import torch
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from transforms.photometric import IMAGENET_MEAN, IMAGENET_STD
+
+MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+STD = np.array(IMAGENET_STD, dtype=np.float32)
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """[3,H,W] ImageNet-normalised tensor -> uint8 RGB [H,W,3]."""
-    x = image.detach().float().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    x = image.detach().float().cpu().numpy().transpose(1, 2, 0) * STD + MEAN
     return np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
