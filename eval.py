@@ -44,13 +44,21 @@ from transforms import build_transforms
 from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, to_dict
-from utils.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup, init_distributed
-from utils.dumps import LabelIdWriter, train_to_label_lut
-from utils.engine import RunLogger, evaluate
+from utils.engine import evaluate
+from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
+from utils.evaluation.metrics import (
+    compute_metrics,
+    format_sweep,
+    format_table,
+    sweep_results,
+    write_per_class_csv,
+    write_sweep,
+)
+from utils.evaluation.results_page import write_results_page
 from utils.inference import Inference, has_attention
-from utils.metrics import compute_metrics, format_sweep, format_table, sweep_results, write_per_class_csv, write_sweep
-from utils.results_page import write_results_page
-from utils.video import ProgressLine, VideoReader, annotate_video
+from utils.inference.video import ProgressLine, VideoReader, annotate_video
+from utils.log import RunLogger
+from utils.runtime.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup, init_distributed
 
 TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
 TB_KINDS = ("overlay", "error", "conf")  # plus every attn_{s}x

@@ -2,7 +2,7 @@
 
 With no arguments it runs the embedded demo: it generates a small synthetic Cityscapes-layout dataset, trains
 the multi-scale attention model on the CPU, evaluates it with scales 0.5, 1.0, 2.0 and writes the results.
-Under torchrun or srun (one task per GPU) it trains data-parallel; see README, "Distributed training".
+Under torchrun or srun (one task per GPU) it trains data-parallel; see docs/distributed.md.
 On SIGUSR1 or SIGTERM it checkpoints at the next step and exits with code 75 (the sbatch script requeues it).
 """
 from __future__ import annotations
@@ -40,7 +40,11 @@ from utils.checkpoint import (
 )
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, diff_configs, load_config, to_dict, to_yaml
-from utils.dist import (
+from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
+from utils.evaluation.metrics import compute_metrics, format_table
+from utils.inference import Inference
+from utils.log import Progress, RunLogger
+from utils.runtime.dist import (
     DistConfigError,
     DistInfo,
     DistributedError,
@@ -52,11 +56,8 @@ from utils.dist import (
     init_distributed,
     sync_batchnorm,
 )
-from utils.engine import Progress, RunLogger, TrainBatches, TrainState, evaluate, poly_lambda, train_step
-from utils.inference import Inference
-from utils.metrics import compute_metrics, format_table
-from utils.precision import grad_scaler
-from utils.preempt import EXIT_PREEMPTED, Preemption
+from utils.runtime.precision import grad_scaler
+from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .uniform import ClassUniform, draw_cycled, load_or_compute
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -133,13 +135,6 @@ class LabelMap:
 # ----------------------------------------------------------------------------------------------- dataset
 
 
-def draw_cycled(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    """k indices of range(n): whole shuffled passes, then part of one more (every item before any repeats)."""
-    if n == 0 or k == 0:
-        return np.zeros(0, np.int64)
-    return np.concatenate([rng.permutation(n) for _ in range(-(-k // n))])[:k]
-
-
 class SampleRef(NamedTuple):
     """What a training sampler yields: which image, the seed of its augmentation, an optional (x, y) centroid."""
 
@@ -235,7 +230,6 @@ class SegmentationDataset(Dataset):
                              share: str = "all_classes") -> None:
         """Turn on class-uniform sampling with centroids of every main image (cached; built when absent/stale).
         `snap` and `share` are data.centroid_snap and data.class_uniform_share (datasets/uniform.py)."""
-        from .uniform import ClassUniform, load_or_compute
 
         centroids, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile, self.description,
                                        cache_dir, workers=workers, snap=snap)

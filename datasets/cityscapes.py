@@ -16,6 +16,7 @@ from .base import (
     Transform,
     read_mask,
 )
+from .uniform import ClassUniform, load_or_compute
 
 # (label id, train id, name) for the 19 evaluated classes; every other id 0..33 is ignored.
 TRAIN_CLASSES = (
@@ -317,7 +318,6 @@ class CityscapesDataset(SegmentationDataset):
                              share: str = "all_classes") -> None:
         """Turn on class-uniform sampling: centroids of every fine image, plus those of the boost classes in the
         coarse images (from the cache, built when absent or stale)."""
-        from .uniform import ClassUniform, load_or_compute
 
         fine, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile,
                                   f"cityscapes_{self.split}_cv{self.cv}", cache_dir, workers=workers, snap=snap)

@@ -29,7 +29,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import draw_cycled
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +180,13 @@ def load_or_compute(
 
 
 SHARES = ("all_classes", "present_classes")
+
+
+def draw_cycled(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """k indices of range(n): whole shuffled passes, then part of one more (every item before any repeats)."""
+    if n == 0 or k == 0:
+        return np.zeros(0, np.int64)
+    return np.concatenate([rng.permutation(n) for _ in range(-(-k // n))])[:k]
 
 
 class ClassUniform:

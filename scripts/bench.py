@@ -46,7 +46,7 @@ from scripts.bench_memory import PeakMemory, estimate_peak
 from utils.config import DataConfig, LossConfig, SyntheticConfig
 from utils.engine import train_step
 from utils.inference import Inference
-from utils.precision import autocast, grad_scaler
+from utils.runtime.precision import autocast, grad_scaler
 
 PAIRS = {"hmsa_deeplabv3plus": "deeplabv3plus", "hmsa_ocrnet_hrnet_w48": "ocrnet_hrnet_w48"}
 PAPER_MODEL = "hmsa_ocrnet_hrnet_w48"

@@ -116,7 +116,7 @@ def estimate_peak(
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from utils.precision import autocast
+    from utils.runtime.precision import autocast
 
     with FakeTensorMode():
         model = build()

@@ -22,7 +22,7 @@ from datasets import build_dataset
 from network.layers import resize
 from utils.checkpoint import checkpoint_paths, load_checkpoint
 from utils.config import ConfigError, load_config
-from utils.export import FixedScaleModel, check_onnx, export_onnx
+from utils.inference.export import FixedScaleModel, check_onnx, export_onnx
 from utils.inference import Inference
 
 MIN_AGREEMENT = 0.999

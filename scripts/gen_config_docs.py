@@ -26,13 +26,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
+from utils import config as config_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # also run as a file (`python scripts/gen_config_docs.py`), not only with -m
-    sys.path.insert(0, ROOT)
-
-import yaml  # noqa: E402
-
-from utils import config as config_module  # noqa: E402
 
 CONFIG_SOURCE = os.path.join(ROOT, "utils", "config.py")
 DOC_PATH = os.path.join(ROOT, "docs", "configuration.md")

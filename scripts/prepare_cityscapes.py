@@ -5,7 +5,7 @@
 Cityscapes comes from https://www.cityscapes-dataset.com/downloads/ (an account is needed): leftImg8bit_trainvaltest.zip
 and gtFine_trainvaltest.zip unpacked into ROOT (either as ROOT/leftImg8bit + ROOT/gtFine or in the zip-named folders
 ROOT/leftImg8bit_trainvaltest/leftImg8bit + ROOT/gtFine_trainvaltest/gtFine). For coarse training also
-leftImg8bit_trainextra.zip and gtCoarse.zip, and for the SOTA recipe the autolabelled masks (see the README).
+leftImg8bit_trainextra.zip and gtCoarse.zip, and for the SOTA recipe the autolabelled masks (see docs/data.md).
 --verify also decodes every image and mask of train and val (and the coarse data with --coarse / --autolabel) in N
 worker processes, checking label ids and that masks match their images: the data.verify=true pass of train.py.
 Exit status 0 when everything needed is there, 1 otherwise.

@@ -110,6 +110,7 @@ def test_recipe_section_counts_flops_and_memory(run):
     assert all(r["peak_gib"] > r["weights_inputs_gib"] > 0 for r in memory)
 
 
+@pytest.mark.slow
 def test_fusion_is_float32_under_autocast():
     torch.manual_seed(0)
     model = network.build_model("hmsa_deeplabv3plus", 5, **bench.model_options("tiny", "hmsa_deeplabv3plus")).eval()
@@ -138,6 +139,7 @@ def test_live_tensor_bytes_counts_each_storage_once_until_freed():
     assert mem.peak == 2 * 256 * 256 * 4  # the input and the product were alive together
 
 
+@pytest.mark.slow
 def test_fake_tensor_estimate_matches_the_real_count():
     name = "hmsa_ocrnet_hrnet_w48"
     options = bench.model_options("tiny", name)

@@ -15,7 +15,7 @@ from PIL import Image
 from datasets import DataError, DataNotFoundError, build_dataset, build_loader
 from datasets.custom import colors_to_ids, read_class_list
 from utils.config import DataConfig
-from utils.video import VideoReader
+from utils.inference.video import VideoReader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = [
@@ -247,13 +247,13 @@ def write_avi(path, frames: int) -> None:
 def test_truncated_video_ends_with_a_warning_counting_the_frames(tmp_path, caplog):
     whole = tmp_path / "whole.avi"
     write_avi(whole, 10)
-    with caplog.at_level(logging.WARNING, logger="utils.video"):
+    with caplog.at_level(logging.WARNING, logger="utils.inference.video"):
         reader = VideoReader(str(whole))
         assert reader.frame_count == 10 and len(list(reader)) == 10 and reader.frames_read == 10
     assert caplog.records == []  # a complete video ends quietly
     cut = tmp_path / "cut.avi"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="utils.video"):
+    with caplog.at_level(logging.WARNING, logger="utils.inference.video"):
         reader = VideoReader(str(cut))
         frames = list(reader)
     assert reader.frame_count == 10 and 0 < len(frames) < 10 and reader.frames_read == len(frames)

@@ -10,10 +10,10 @@ import pytest
 from scipy import ndimage
 
 from datasets import SampleRef, build_dataset, build_loader
-from datasets.base import ClassInfo, Sample, SegmentationDataset, draw_cycled
+from datasets.base import ClassInfo, Sample, SegmentationDataset
 from datasets.sampler import TrainSampler
 from datasets.synthetic import generate_synthetic_cityscapes
-from datasets.uniform import ClassUniform, compute_centroids, load_or_compute, tile_centroids
+from datasets.uniform import ClassUniform, compute_centroids, draw_cycled, load_or_compute, tile_centroids
 from utils.config import ConfigError, DataConfig, load_config
 
 
@@ -57,6 +57,7 @@ def test_centroids_are_scipy_center_of_mass_truncated(seed):
     assert tile_centroids(mask, k, tile) == scipy_centroids(mask, k, tile)
 
 
+@pytest.mark.slow
 def test_centroid_truncation_at_integer_boundaries():
     """Means exactly on an integer, just below one (x.999...) and just above one, where a summation that rounds
     differently would change the truncated value: ours equals scipy's in every case."""

@@ -139,6 +139,7 @@ def test_long_lists_are_cut_in_the_message_not_in_the_result(tmp_path):
     assert len(lines) == 1 + SHOWN + 1 and lines[-1] == "... and 3 more"
 
 
+@pytest.mark.slow
 def test_prepare_cityscapes_verify(clean, broken, capsys):
     check = runpy.run_path(os.path.join(REPO, "scripts", "prepare_cityscapes.py"))["main"]
     assert check([clean, "--verify", "--workers", "2"]) == 0
@@ -156,6 +157,7 @@ def test_prepare_cityscapes_verify(clean, broken, capsys):
     assert files_of(root) == before
 
 
+@pytest.mark.slow
 def test_prepare_mapillary_verify(tmp_path, capsys):
     labels = [{"readable": "a", "color": [1, 2, 3], "evaluate": True},
               {"readable": "void", "color": [0, 0, 0], "evaluate": False}]

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 import train as train_script
-from utils import dist as udist
+from network.layers import CpuSyncBatchNorm
 from utils.checkpoint import checkpoint_paths, read_checkpoint
-from utils.preempt import EXIT_PREEMPTED, Preemption
 from utils.cli import run_cli
+from utils.runtime import dist as udist
+from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
 
 pytestmark = pytest.mark.dist
 
@@ -199,7 +200,7 @@ def test_sync_batchnorm_conversion_keeps_state_and_refuses_subclasses():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     net[1].running_mean.fill_(0.5)
     converted = udist.sync_batchnorm(net, torch.device("cpu"))
-    assert isinstance(converted[1], udist.CpuSyncBatchNorm)
+    assert isinstance(converted[1], CpuSyncBatchNorm)
     assert torch.equal(converted[1].running_mean, torch.full((4,), 0.5))
     assert list(converted.state_dict()) == list(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict())
     with pytest.raises(ValueError, match="BNAct"):
@@ -327,7 +328,7 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> tuple[str, float]:
 
 DEAD_RANK = """
 import os, torch
-from utils.dist import all_reduce_sum, collective_errors, init_distributed
+from utils.runtime.dist import all_reduce_sum, collective_errors, init_distributed
 info = init_distributed(device="cpu", timeout=30)
 with collective_errors(info):
     all_reduce_sum(torch.ones(1))
@@ -539,7 +540,7 @@ def _worker_syncbn(out: str) -> None:
         return {k: v for k, v in m.state_dict().items() if "running" in k}
 
     torch.save({
-        "converted": sum(isinstance(m, udist.CpuSyncBatchNorm) for m in net.modules()),
+        "converted": sum(isinstance(m, CpuSyncBatchNorm) for m in net.modules()),
         "ddp_world": torch.distributed.get_world_size(),
         "ref_buffers": buffers(ref), "buffers": buffers(net), "local_buffers": buffers(local),
         "ref_grads": {k: p.grad for k, p in ref.named_parameters()},

@@ -3,6 +3,7 @@ config keys that README.md and docs/ mention, and the README command that CI run
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import typing
@@ -188,6 +189,24 @@ def test_anchors_exist(page):
 KEY = re.compile(r"(?<![\w./'-])(data|model|loss|train|eval)\.([a-z_][a-z0-9_]*)(?:\.([a-z_][a-z0-9_]*))?")
 FILES = {"py", "log", "sbatch", "onnx", "pth", "yaml", "json", "jsonl", "csv"}
 CODE_NAMES = {"loss.build_criterion"}  # Python names that look like keys
+PYTHON_NAME = re.compile(r"`((?:utils|network|datasets|loss|transforms)(?:\.[A-Za-z_]\w*)+)")
+
+
+def resolves(name: str) -> bool:
+    """Whether a dotted name is an importable module, or an attribute chain of one."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -206,3 +225,12 @@ def test_config_keys_mentioned_exist(page):
             continue
         else:
             assert key in keys or key in sections, f"{page} mentions {m.group(0)}, which is not a config key"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_python_names_mentioned_exist(page):
+    keys = schema_keys()
+    for name in set(PYTHON_NAME.findall(read(page))):
+        if name in keys or name.rsplit(".", 1)[0] in keys:
+            continue  # a config key (loss.main, ...), checked above
+        assert resolves(name), f"{page} names {name}, which does not import"

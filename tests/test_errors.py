@@ -115,6 +115,7 @@ def test_options_may_come_between_overrides(tmp_path, data):
 
 # ------------------------------------------------------------------ 2. training is never thrown away at the end
 
+@pytest.mark.slow
 def test_corrupt_val_image_costs_the_evaluation_not_the_training(tmp_path, data):
     own = tmp_path / "data"
     shutil.copytree(data, own)
@@ -136,6 +137,7 @@ def test_corrupt_val_image_costs_the_evaluation_not_the_training(tmp_path, data)
     assert [json.loads(r)["iteration"] for r in open(run / "metrics.jsonl") if '"train"' in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_fixing_an_eval_value_resumes_the_finished_run(run_copy, data):
     before = snapshot(run_copy / "runs" / "run")
     metrics = train_script.main(tiny(run_copy, data) + ["eval.flip=true", "eval.scales=[1.0]"])
@@ -147,6 +149,7 @@ def test_fixing_an_eval_value_resumes_the_finished_run(run_copy, data):
     assert results["flip"] is True and results["scales"] == [1.0]
 
 
+@pytest.mark.slow
 def test_refusal_names_the_keys_that_count(run_copy, data):
     run = run_copy / "runs" / "run"
     before = snapshot(run)
@@ -156,6 +159,7 @@ def test_refusal_names_the_keys_that_count(run_copy, data):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_moved_run_folder_resumes(run_copy, data):
     moved = run_copy / "elsewhere"
     shutil.move(str(run_copy / "runs"), str(moved))
@@ -173,11 +177,13 @@ def test_unwritable_output_folders_fail_at_start(key, value, tmp_path, data):
     assert not list((tmp_path / "runs" / "run").glob("ckpt_*")) if (tmp_path / "runs").exists() else True
 
 
+@pytest.mark.slow
 def test_eval_out_unwritable_fails_at_start(run_copy, data):
     message = fails(eval_script.main, tiny(run_copy, data) + ["--out", "/proc/hmsa_x"])
     assert message.startswith("--out: cannot create or write the folder /proc/hmsa_x"), message
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(run_copy, data, monkeypatch):
     run = run_copy / "runs" / "run"
     before = snapshot(run)
@@ -199,6 +205,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(run_copy, data, mo
 
 # ------------------------------------------------------------------ 3. resume is explicit
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_an_error_listing_them(run_copy, data):
     run = run_copy / "runs" / "run"
     (run / "ckpt_00000002.pth").write_bytes(b"truncated")
@@ -210,6 +217,7 @@ def test_no_readable_checkpoint_is_an_error_listing_them(run_copy, data):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_unreadable_newest_checkpoint_is_skipped_by_name(run_copy, data, capfd):
     run = run_copy / "runs" / "run"
     shutil.copy(run / "ckpt_00000002.pth", run / "ckpt_00000001.pth")
@@ -221,6 +229,7 @@ def test_unreadable_newest_checkpoint_is_skipped_by_name(run_copy, data, capfd):
     assert "ckpt_00000002.pth" in capfd.readouterr().err
 
 
+@pytest.mark.slow
 def test_failed_force_resume_leaves_the_config_as_it_was(run_copy, data):
     run = run_copy / "runs" / "run"
     before = snapshot(run)
@@ -230,6 +239,7 @@ def test_failed_force_resume_leaves_the_config_as_it_was(run_copy, data):
     assert snapshot(run) == before  # config.yaml included
 
 
+@pytest.mark.slow
 def test_orphaned_temporary_checkpoints_are_removed_at_start(run_copy, data):
     run = run_copy / "runs" / "run"
     orphan = run / ".tmp_abc123.pth"
@@ -239,6 +249,7 @@ def test_orphaned_temporary_checkpoints_are_removed_at_start(run_copy, data):
     assert f"removed {orphan}" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_resume_none_refuses_a_folder_with_checkpoints(run_copy, data):
     before = snapshot(run_copy / "runs")
     message = fails(train_script.main, tiny(run_copy, data) + ["--resume", "none"])
@@ -248,6 +259,7 @@ def test_resume_none_refuses_a_folder_with_checkpoints(run_copy, data):
 
 # ------------------------------------------------------------------ 4. evaluation never overwrites training results
 
+@pytest.mark.slow
 def test_eval_without_out_writes_a_new_folder_per_evaluation(run_copy, data):
     run = run_copy / "runs" / "run"
     before = snapshot(run)
@@ -260,6 +272,7 @@ def test_eval_without_out_writes_a_new_folder_per_evaluation(run_copy, data):
     assert folder["out"].startswith(str(run / "eval" / "folder-frankfurt"))
 
 
+@pytest.mark.slow
 def test_folder_results_never_replace_a_labelled_split(run_copy, data):
     labelled = eval_script.main(tiny(run_copy, data))
     before = snapshot(Path(labelled["out"]))
@@ -307,6 +320,7 @@ def test_regenerating_the_demo_data_keeps_files_it_did_not_write(tmp_path, data)
     assert snapshot(own) == before
 
 
+@pytest.mark.slow
 def test_corrupt_training_image_is_one_line_naming_it(tmp_path, data):
     own = tmp_path / "data"
     shutil.copytree(data, own)
@@ -327,6 +341,7 @@ def test_verify_finds_every_bad_file_before_training(tmp_path, data):
     assert not list((tmp_path / "runs").rglob("ckpt_*"))
 
 
+@pytest.mark.slow
 def test_folder_mode_skip_bad(run_copy, data, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -11,7 +11,7 @@ from network.mscale import MscaleBase
 from tests.eval_fixtures import tiny_model
 from utils.engine import evaluate, predict
 from utils.inference import Combo, Inference, MultiScalePass, scale_outputs, sweep_combos, window_starts
-from utils.metrics import confusion_matrix
+from utils.evaluation.metrics import confusion_matrix
 
 SETS = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0], [0.25, 0.5, 1.0, 2.0]]
 RULES = ["attention", "average", "max"]
@@ -90,6 +90,7 @@ def test_pass_fusions_match_references_built_from_the_model():
         assert torch.allclose(run.logits(Combo.make([0.5, 1.0], "attention", True)), both, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_attention_chain_of_every_subset_equals_the_model_run_on_that_subset():
     model = tiny_model(num_classes=5)
     x = torch.randn(2, 3, 48, 64)
@@ -190,6 +191,7 @@ def test_window_starts_cover_the_image_with_the_overlap():
         assert all(b - a <= w * (1 - overlap) for a, b in zip(starts, starts[1:]))
 
 
+@pytest.mark.slow
 def test_sliding_window_equals_whole_image_for_a_pointwise_model():
     torch.manual_seed(0)
     model = Pointwise().eval()

@@ -19,7 +19,7 @@ from datasets.cityscapes import label_map
 from tests.eval_fixtures import HEIGHT, NUM_VAL, WIDTH, make_setup, tiny_model
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
-from utils.dumps import image_miou, train_to_label_lut
+from utils.evaluation.dumps import image_miou, train_to_label_lut
 from utils.engine import predict
 from utils.inference import Inference
 
@@ -42,6 +42,7 @@ def val_names(root):
     return sorted(f[: -len("_leftImg8bit.png")] for f in files)
 
 
+@pytest.mark.slow
 def test_pictures_page_tables_and_tensorboard(setup, tmp_path):
     out = tmp_path / "ev"
     summary = run(setup, out, "eval.dump=all")
@@ -69,6 +70,7 @@ def test_pictures_page_tables_and_tensorboard(setup, tmp_path):
     assert f"eval/{names[0]}/overlay" in images and f"eval/{names[0]}/attn_0.5x" in images
 
 
+@pytest.mark.slow
 def test_sweep_tables_from_the_command_line(setup, tmp_path):
     out = tmp_path / "sweep"
     run(setup, out, "eval.scale_sets=[[1.0],[0.5,1.0],[0.5,1.0,2.0]]", "eval.sweep_fusions=[attention,max]",
@@ -90,6 +92,7 @@ def test_sweep_tables_from_the_command_line(setup, tmp_path):
     assert not list(out.glob("*_pred.png"))  # eval.dump=none
 
 
+@pytest.mark.slow
 def test_dump_selection_worst_and_every(setup, tmp_path):
     all_out, worst_out, every_out = tmp_path / "all", tmp_path / "worst", tmp_path / "every"
     run(setup, all_out, "eval.dump=all", "eval.num_dump=0")
@@ -115,6 +118,7 @@ def test_dump_selection_worst_and_every(setup, tmp_path):
     assert sorted(p.name[: -len("_input.png")] for p in every_out.glob("*_input.png")) == names[::2]
 
 
+@pytest.mark.slow
 def test_submission_label_ids_round_trip_and_resume(setup, tmp_path):
     root, overrides, ckpt = setup
     # a 'test' split: the val images without labels
@@ -152,6 +156,7 @@ def test_train_id_lut_round_trips_every_class():
     assert lut[0] == 7 and lut[18] == 33 and lut[255] == 0
 
 
+@pytest.mark.slow
 def test_autolabel_writes_probabilities(setup, tmp_path):
     out = tmp_path / "auto"
     run(setup, out, "--autolabel", "eval.dump=none")
@@ -165,6 +170,7 @@ def test_autolabel_writes_probabilities(setup, tmp_path):
     assert summary["label_files_written"] == 0
 
 
+@pytest.mark.slow
 def test_folder_of_images_gives_pictures_and_autolabels(setup, tmp_path):
     root = setup[0]
     folder = tmp_path / "images"
@@ -204,6 +210,7 @@ def make_clip(path, frames=5):
     writer.release()
 
 
+@pytest.mark.slow
 def test_video_is_annotated_frame_by_frame(setup, tmp_path, capsys):
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
@@ -222,6 +229,7 @@ def test_video_is_annotated_frame_by_frame(setup, tmp_path, capsys):
     assert "5/5 frames" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_input_fails_before_any_work(setup, tmp_path):
     out = tmp_path / "bad"
     with pytest.raises(SystemExit, match=r"eval.scales.*contain 1.0"):

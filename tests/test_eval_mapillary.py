@@ -85,6 +85,7 @@ def expected_hist(root, model, scales) -> np.ndarray:
     return hist
 
 
+@pytest.mark.slow
 def test_mapillary_eval_scores_pillow_resized_images(mapillary, tmp_path):
     root, ckpt, model = mapillary
     # the sizes the original gives: 150x100 -> 64x42, 30x40 -> 48x64, 64x48 unchanged

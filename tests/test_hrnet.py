@@ -46,6 +46,7 @@ def param_count(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("arch", ["ocrnet.HRNet", "ocrnet.HRNet_Mscale"])
+@pytest.mark.slow
 def test_keys_shapes_and_kinds_equal_the_original(arch):
     with torch.device("meta"):  # layout only: no memory, no init
         model = build_model(arch, 19)
@@ -66,6 +67,7 @@ def test_keys_shapes_and_kinds_equal_the_original(arch):
         ("ocrnet_hrnet_w48", 65, 1890, 70_372_678 + 46 * (512 + 1 + 720 + 1)),
     ],
 )
+@pytest.mark.slow
 def test_key_and_parameter_counts(arch, num_classes, keys, params):
     with torch.device("meta"):
         model = build_model(arch, num_classes)
@@ -90,6 +92,7 @@ def w48() -> nn.Module:
     return build_model("ocrnet.HRNet_Mscale", 19)
 
 
+@pytest.mark.slow
 def test_initialisation_matches_the_original_statistics(w48):
     """conv normal(0.001) / BN 1,0 in the trunk, PyTorch defaults in OCR and attention (key file columns)."""
     state = w48.state_dict()
@@ -113,6 +116,7 @@ def test_initialisation_matches_the_original_statistics(w48):
     assert not bad, bad[:10]
 
 
+@pytest.mark.slow
 def test_w48_trunk_output_is_720_channels_at_stride_4(w48):
     w48.eval()
     with torch.no_grad():
@@ -163,6 +167,7 @@ def timm_stage4():
 
 
 @pytest.mark.parametrize("size", [(32, 48), (35, 45)])
+@pytest.mark.slow
 def test_fuse_is_bilinear_to_the_exact_branch_size(timm_stage4, size):
     ours = BilinearFuseModule(timm_stage4.branches, timm_stage4.fuse_layers).eval()
     x = branch_inputs(list(timm_stage4.num_in_chs), *size)
@@ -174,6 +179,7 @@ def test_fuse_is_bilinear_to_the_exact_branch_size(timm_stage4, size):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fuse_differs_from_timms_nearest_upsampling(timm_stage4):
     x = branch_inputs(list(timm_stage4.num_in_chs), 32, 48)
     with torch.no_grad():
@@ -204,6 +210,7 @@ def reference_trunk(trunk: HRNetTrunk, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([ys[0]] + ups, 1)
 
 
+@pytest.mark.slow
 def test_trunk_forward_matches_the_original_at_odd_sizes():
     torch.manual_seed(0)
     trunk = HRNetTrunk("hrnet_w18_small")
@@ -220,6 +227,7 @@ def test_trunk_forward_matches_the_original_at_odd_sizes():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ocr_block_matches_the_formulas():
     torch.manual_seed(0)
     k, c_in, mid, key = 5, 12, 16, 8
@@ -255,6 +263,7 @@ def test_ocr_block_matches_the_formulas():
 # ----------------------------------------------------------------------------------------------- models
 
 
+@pytest.mark.slow
 def test_mscale_training_outputs_fuse_pred_and_aux():
     torch.manual_seed(0)
     model = build_model("hmsa_ocrnet_hrnet_w48", 7, **SMALL, attn_ch=16).train()
@@ -277,6 +286,7 @@ def test_mscale_training_outputs_fuse_pred_and_aux():
     assert model.scale_attn.conv0.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_mscale_nscale_inference_shapes():
     torch.manual_seed(0)
     model = build_model("hmsa_ocrnet_hrnet_w48", 7, **SMALL, attn_ch=16).eval()
@@ -289,6 +299,7 @@ def test_mscale_nscale_inference_shapes():
     assert {k: tuple(v.shape) for k, v in out.items()} == want
 
 
+@pytest.mark.slow
 def test_single_scale_outputs_pred_and_aux_at_input_size():
     model = build_model("ocrnet_hrnet_w48", 7, **SMALL)
     assert not hasattr(model, "scale_attn")

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import torch
 
-from utils.metrics import compute_metrics, confusion_matrix, format_table
+from utils.evaluation.metrics import compute_metrics, confusion_matrix, format_table
 
 
 def test_confusion_matrix_counts_and_ignore():

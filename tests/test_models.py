@@ -26,6 +26,7 @@ DEEPLAB_MODELS = ["deeplabv3plus", "hmsa_deeplabv3plus"]
 
 
 @pytest.mark.parametrize("name", DEEPLAB_MODELS)
+@pytest.mark.slow
 def test_forward_backward_and_keys(name):
     torch.manual_seed(0)
     model = network.build_model(name, 5, **tiny_options(name))
@@ -44,6 +45,7 @@ def test_forward_backward_and_keys(name):
     assert ev["pred"].shape == (2, 5, 64, 96)
 
 
+@pytest.mark.slow
 def test_nscale_outputs_and_shapes():
     torch.manual_seed(0)
     model = network.build_model("hmsa_deeplabv3plus", 3, **tiny_options("hmsa_deeplabv3plus")).eval()
@@ -72,6 +74,7 @@ def test_original_key_layout(name, keys, params):
     assert {k: str(list(v.shape)) for k, v in sd.items()} == ref
 
 
+@pytest.mark.slow
 def test_resnet_trunk_dilation_pattern():
     model = network.build_model("mscale.DeepV3R50", 19)
     bb = model.backbone
@@ -86,6 +89,7 @@ def test_resnet_trunk_dilation_pattern():
     assert rates == [(12, 12), (24, 24), (36, 36)]
 
 
+@pytest.mark.slow
 def test_generic_timm_trunk():
     model = network.build_model("hmsa_deeplabv3plus", 4, trunk="mobilenetv3_small_050", aspp_ch=8, fine_ch=8,
                                 head_ch=8, attn_ch=8)
@@ -172,6 +176,7 @@ def test_two_scale_training_matches_formula_and_eval():
         torch.testing.assert_close(net(x)["pred"], joint.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_imagenet_resnet_file_loads_into_the_trunk(tmp_path):
     """A torchvision-layout classification file (conv1/bn1/layer*/fc, no num_batches_tracked) initialises layer0..4."""
     from utils.checkpoint import CheckpointError, load_trunk_weights
@@ -256,6 +261,7 @@ def train_step(model, x, seed=1):
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+@pytest.mark.slow
 def test_training_step_bn_statistics_match_the_originals_two_scale_forward(name):
     """attn_bn_stats='both' (the default): after one training step every BatchNorm, the attention head's
     included, holds the running statistics of the original's two-scale forward: the whole 0.5x `_fwd`, then
@@ -296,6 +302,7 @@ def test_training_step_bn_statistics_match_the_originals_two_scale_forward(name)
 
 
 @pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+@pytest.mark.slow
 def test_attn_bn_stats_changes_only_the_heads_running_statistics(name):
     """'both' and 'low' give bit-identical outputs and gradients; only the attention head's running statistics
     differ, 'low' holding those of the 0.5x pass alone."""

@@ -181,6 +181,7 @@ def test_a_zero_hue_shift_still_round_trips_through_hsv():
     assert np.array_equal(out, ref_hsv2rgb(ref_rgb2hsv(image)))
 
 
+@pytest.mark.slow
 def test_pillow_hsv_is_the_formula():
     """Pillow's HSV conversions (the original's) against Convert.c restated: RGB -> HSV on every combination of
     58 levels per channel (ties and extremes included) and 100k random colours; HSV -> RGB on every hue with 58

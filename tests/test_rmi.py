@@ -88,6 +88,7 @@ def test_reference_reproduces_golden_values():
     "n,k,h,w,ignore",
     [(1, 2, 37, 29, 255), (3, 19, 50, 45, 255), (2, 65, 26, 34, 65), (2, 4, 8, 8, 255)],
 )
+@pytest.mark.slow
 def test_matches_float64_reference(n, k, h, w, ignore):
     logits, labels = structured_case(n, k, h, w, ignore, seed=k + h)
     ours = logits.clone().requires_grad_(True)
@@ -122,6 +123,7 @@ def test_pooled_onehot_equals_average_pool_of_one_hot():
         assert torch.equal(got, expected)
 
 
+@pytest.mark.slow
 def test_hand_written_backwards_pass_gradcheck():
     g = torch.Generator().manual_seed(0)
     maps = torch.rand(3, 7, 8, dtype=torch.float64, generator=g)

@@ -17,6 +17,8 @@ import pytest
 
 from slurm_cluster import SlurmCluster, missing_binaries
 
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [

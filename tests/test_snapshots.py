@@ -57,6 +57,7 @@ def assert_same(a: nn.Module, b: nn.Module, skip: set[str] = frozenset()) -> Non
 
 
 @pytest.mark.parametrize("arch", ["ocrnet.HRNet_Mscale", "ocrnet.HRNet"])
+@pytest.mark.slow
 def test_original_snapshot_loads_strictly(tmp_path, arch):
     src = small_model(arch, 19, seed=0)
     path = tmp_path / "snapshot.pth"
@@ -72,6 +73,7 @@ def test_original_snapshot_loads_strictly(tmp_path, arch):
         torch.testing.assert_close(dst(x)["pred"], want, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_other_class_count_skips_exactly_the_class_heads(tmp_path):
     """Mapillary (65) -> Cityscapes (19) fine-tuning."""
     src = small_model("ocrnet.HRNet_Mscale", 65, seed=0)
@@ -91,6 +93,7 @@ def test_other_class_count_skips_exactly_the_class_heads(tmp_path):
         assert torch.equal(dst.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_single_scale_snapshot_into_mscale_skips_exactly_the_attention_head(tmp_path):
     """The Cityscapes recipes start HRNet_Mscale from the Mapillary ocrnet.HRNet snapshot."""
     assert len(SCALE_ATTN) == 13
@@ -107,6 +110,7 @@ def test_single_scale_snapshot_into_mscale_skips_exactly_the_attention_head(tmp_
     assert_same(src, dst, skip=SCALE_ATTN | CLASS_HEADS)
 
 
+@pytest.mark.slow
 def test_mscale_snapshot_into_single_scale_ignores_the_attention_head(tmp_path):
     src = small_model("ocrnet.HRNet_Mscale", 19, seed=0)
     path = tmp_path / "mscale.pth"
@@ -117,6 +121,7 @@ def test_mscale_snapshot_into_single_scale_ignores_the_attention_head(tmp_path):
     assert_same(src, dst)
 
 
+@pytest.mark.slow
 def test_another_architectures_snapshot_is_an_error(tmp_path):
     torch.manual_seed(0)
     other = build_model("hmsa_deeplabv3plus", 19, trunk="resnet18", aspp_ch=16, fine_ch=8, head_ch=16, attn_ch=8)
@@ -168,6 +173,7 @@ def imagenet_file(tmp_path):
     return path, state
 
 
+@pytest.mark.slow
 def test_imagenet_file_loads_into_the_trunk_dropping_exactly_the_head(imagenet_file):
     path, state = imagenet_file
     head = {k for k in state if k.split(".")[0] in ("incre_modules", "downsamp_modules", "final_layer", "classifier")}
@@ -183,6 +189,7 @@ def test_imagenet_file_loads_into_the_trunk_dropping_exactly_the_head(imagenet_f
     assert all(torch.equal(v, model.ocr.state_dict()[k]) for k, v in ocr_before.items())
 
 
+@pytest.mark.slow
 def test_imagenet_file_that_does_not_fit_names_file_and_keys(imagenet_file, tmp_path):
     _, state = imagenet_file
     state = dict(state)

@@ -9,6 +9,9 @@ import eval as eval_script
 import train as train_script
 from utils.checkpoint import checkpoint_paths, read_checkpoint
 
+# Every test here trains a model.
+pytestmark = pytest.mark.slow
+
 
 def overrides(tmp_path, max_iter=4, run="run"):
     return [
@@ -23,7 +26,6 @@ def overrides(tmp_path, max_iter=4, run="run"):
     ]
 
 
-@pytest.mark.slow
 def test_train_writes_run_folder_and_evaluates(tmp_path):
     metrics = train_script.main(overrides(tmp_path))
     run = tmp_path / "runs" / "run"
@@ -51,7 +53,6 @@ def test_train_writes_run_folder_and_evaluates(tmp_path):
     assert any(p.name.endswith("_attn_2.0x.png") for p in (tmp_path / "ev").iterdir())
 
 
-@pytest.mark.slow
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):
     torch.use_deterministic_algorithms(True)
     try:
@@ -106,7 +107,6 @@ def test_non_finite_loss_stops_training_with_the_iteration(tmp_path, monkeypatch
     assert e.value.code == 2
 
 
-@pytest.mark.slow
 def test_validation_every_epoch_keeps_the_best_checkpoint(tmp_path):
     # 8 images, batch 4: 2 steps per epoch; 3 epochs; validation after epochs 1 and 2, then the final one.
     args = [a for a in overrides(tmp_path) if not a.startswith("train.max_iter")]

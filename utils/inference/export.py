@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import Inference, MultiScalePass
+from .multiscale import Inference, MultiScalePass
 
 
 class FixedScaleModel(nn.Module):

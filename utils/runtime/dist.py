@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from network.layers import CpuSyncBatchNorm
+
 DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # below Linux's ephemeral range (32768+)
@@ -345,59 +347,6 @@ def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
 
 
 # ----------------------------------------------------------------------------------------------- SyncBN
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum across ranks; the gradient of a sum over ranks is the sum of every rank's gradient."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class CpuSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose training statistics are those of the global batch across gloo ranks, on the CPU.
-
-    torch's nn.SyncBatchNorm runs only on GPUs (its forward needs CUDA kernels and DDP refuses it on CPU
-    modules), so CPU runs, the tests among them, use this: per-channel sum, sum of squares and count are
-    all-reduced (differentiably, so the gradients equal those of one process on the global batch). Same
-    parameters and buffers as nn.BatchNorm2d, hence the same checkpoints. With one process it is nn.BatchNorm2d.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        # bf16/fp16 activations are normalised in float32, like torch's BN (sums are float64 in any case)
-        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
-        stats = torch.cat([xf.sum(dims, dtype=torch.float64), (xf * xf).sum(dims, dtype=torch.float64), count])
-        stats = _AllReduceSum.apply(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                unbiased = var * (n / (n - 1).clamp(min=1))
-                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        inv = torch.rsqrt(var + self.eps).to(xf.dtype)
-        y = (xf - mean.to(xf.dtype).view(shape)) * inv.view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
 
 
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

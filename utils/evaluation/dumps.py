@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from .dist import all_gather_objects
+from ..runtime.dist import all_gather_objects
 from .metrics import confusion_matrix
 from .visualize import denormalize, sample_images, write_images
 

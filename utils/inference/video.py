@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import Inference, MultiScalePass
-from .precision import autocast
-from .visualize import colorize, denormalize, heatmap, overlay, side_by_side
+from .multiscale import Inference, MultiScalePass
+from ..runtime.precision import autocast
+from ..evaluation.visualize import colorize, denormalize, heatmap, overlay, side_by_side
 
 log = logging.getLogger(__name__)
 

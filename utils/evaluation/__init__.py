@@ -1,0 +1,1 @@
+"""Evaluation outputs: the confusion matrix and IoU tables, image dumps and pictures, the HTML results page."""
