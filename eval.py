@@ -42,8 +42,8 @@ from datasets.folder import class_info
 from datasets.base import DataError
 from transforms import build_transforms
 from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
-from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
-from utils.config import Config, ConfigError, load_config, to_dict
+from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
+from utils.config import Config, ConfigError, to_dict
 from utils.engine import evaluate
 from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
 from utils.evaluation.metrics import (
@@ -58,7 +58,7 @@ from utils.evaluation.results_page import write_results_page
 from utils.inference import Inference, has_attention
 from utils.inference.video import ProgressLine, VideoReader, annotate_video
 from utils.log import RunLogger
-from utils.runtime.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup, init_distributed
+from utils.runtime.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup
 
 TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
 TB_KINDS = ("overlay", "error", "conf")  # plus every attn_{s}x
@@ -210,14 +210,7 @@ def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
-        try:
-            cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
-            raise CliError(f"config error: {e}") from e
-        try:
-            dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
-        except (DistConfigError, DistributedError) as e:
-            raise CliError(f"distributed set-up failed: {e}") from e
+        cfg, dist = load_and_start(args)
         try:
             return run(args, cfg, dist)
         finally:

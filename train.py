@@ -38,8 +38,8 @@ from utils.checkpoint import (
     save_run_checkpoint,
     set_rng_state,
 )
-from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
-from utils.config import Config, ConfigError, diff_configs, load_config, to_dict, to_yaml
+from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
+from utils.config import Config, ConfigError, diff_configs, to_dict, to_yaml
 from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
@@ -53,7 +53,6 @@ from utils.runtime.dist import (
     broadcast_object,
     cleanup,
     collective_errors,
-    init_distributed,
     sync_batchnorm,
 )
 from utils.runtime.precision import grad_scaler
@@ -152,14 +151,7 @@ def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
-        try:
-            cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
-            raise CliError(f"config error: {e}") from e
-        try:
-            dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
-        except (DistConfigError, DistributedError) as e:
-            raise CliError(f"distributed set-up failed: {e}") from e
+        cfg, dist = load_and_start(args)
         run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
         try:
             with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):

@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .config import Config, ConfigError, load_config
+from .runtime.dist import DistConfigError, DistInfo, DistributedError, init_distributed
+
 EXIT_ERROR = 2
 
 
@@ -88,3 +91,17 @@ def ensure_writable_dir(path: str, key: str) -> str:
         reason = describe_os_error(e) if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CliError(f"{key}: cannot create or write the folder {path}: {reason} (choose a writable folder)") from e
     return path
+
+
+def load_and_start(args: Any) -> tuple[Config, DistInfo]:
+    """The config of a command line (`args.config`, `args.overrides`) and this process's place in the run
+    (process group from torchrun/SLURM variables, `args.local_rank`), each failure one line."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise CliError(f"config error: {e}") from e
+    try:
+        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+    except (DistConfigError, DistributedError) as e:
+        raise CliError(f"distributed set-up failed: {e}") from e
+    return cfg, dist
