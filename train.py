@@ -137,6 +137,25 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     return path, ckpt
 
 
+def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo, log: RunLogger,
+            run_dir: str) -> TrainState:
+    """Load optimizer, scheduler, grad scaler and data position (`parts`, in that order) and the random streams
+    from the checkpoint; returns the progress to continue from."""
+    path, ckpt = resume
+    for part, key in zip(parts, ("optimizer", "scheduler", "scaler", "state")):
+        part.load_state_dict(ckpt[key])
+    state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
+    restore_rng(ckpt, cfg, dist, log)
+    log.info(f"resumed from {path} at iteration {state.iteration}")
+    # A validation after the last checkpoint may have saved a better best.pth: its record wins, so that a worse
+    # model never replaces it.
+    best = broadcast_object(best_record(run_dir) if dist.is_main else None)
+    if best is not None and best["miou"] > state.best_miou:
+        state.best_miou, state.best_iteration = best["miou"], best["iteration"]
+        log.info(f"best so far: mIoU {100 * best['miou']:.2f} at iteration {best['iteration']} (best.pth)")
+    return state
+
+
 def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
     """Each rank continues its own random streams; a run resumed on another process count cannot."""
     saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
@@ -146,6 +165,47 @@ def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None
     log.warn(f"the checkpoint holds the random streams of {len(saved)} process(es), this run has "
              f"{dist.world_size}: streams reseeded, so the run does not continue bit-identically")
     seed_everything(cfg.train.seed + dist.rank + 100003 * ckpt["state"]["iteration"])
+
+
+def prepare_output(run_dir: str, dump_dir: str, dist: DistInfo) -> list[str]:
+    """Create and check the output folders now, so that a typo in a path fails before any work, not at the first
+    checkpoint or the final dump; remove temporary files of killed checkpoint writes. Returns warnings to log."""
+    if not dist.is_main:
+        return []
+    ensure_writable_dir(run_dir, "train.output_dir / train.run_name")
+    ensure_writable_dir(dump_dir, "eval.dump_dir")
+    return [f"removed {p}, left by an interrupted checkpoint write" for p in remove_orphaned_temps(run_dir)]
+
+
+def place_model(net: torch.nn.Module, cfg: Config, dist: DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the module itself, for checkpoints and evaluation; what a training step calls: DDP / compiled)."""
+    # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
+    torch.backends.cudnn.benchmark = dist.device.type == "cuda"
+    net.to(dist.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    model: torch.nn.Module = net
+    if dist.distributed:
+        if cfg.model.norm == "syncbn":
+            net = sync_batchnorm(net, dist.device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return net, model
+
+
+def schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches: TrainBatches,
+             steps_per_epoch: int) -> tuple[int, torch.optim.lr_scheduler.LambdaLR]:
+    """The iteration budget and the poly learning rate (stepped per iteration, or per epoch as the original)."""
+    if cfg.train.max_iter > 0:
+        max_iter = cfg.train.max_iter
+    else:  # epochs may differ in length (coarse data switched off at data.max_cu_epoch)
+        max_iter = sum(batches.epoch_steps(e) for e in range(cfg.train.max_epoch))
+    if cfg.train.lr_step == "iter":
+        length = max_iter
+    else:
+        length = math.ceil(max_iter / steps_per_epoch) if cfg.train.max_iter > 0 else cfg.train.max_epoch
+    return max_iter, torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(length, cfg.train.poly_exp))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,14 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption) -> dict:
     seed_everything(cfg.train.seed + dist.rank)
-    # Output folders first: a typo in a path fails now, not when the first checkpoint or the final dump is written.
     dump_dir = os.path.join(run_dir, cfg.eval.dump_dir)
-    if dist.is_main:
-        ensure_writable_dir(run_dir, "train.output_dir / train.run_name")
-        ensure_writable_dir(dump_dir, "eval.dump_dir")
-        orphans = remove_orphaned_temps(run_dir)
-    warnings: list[str] = [f"removed {p}, left by an interrupted checkpoint write" for p in orphans] \
-        if dist.is_main else []
+    warnings = prepare_output(run_dir, dump_dir, dist)
     resume = resume_source(args, cfg, run_dir, dist, warnings)
 
     # Data. Each process loads data.batch_size images per batch; a step takes train.accum_steps batches.
@@ -205,48 +259,17 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
              + (f"; this is rank {dist.rank}" if dist.distributed else ""))
     for report in reports:
         log.info(report)
-    # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
-    torch.backends.cudnn.benchmark = dist.device.type == "cuda"
-    net.to(dist.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
-    model: torch.nn.Module = net
-    if dist.distributed:
-        if cfg.model.norm == "syncbn":
-            net = sync_batchnorm(net, dist.device)
-        model = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
-    if cfg.train.compile:
-        model = torch.compile(model)
+    net, model = place_model(net, cfg, dist)
 
     criterion = build_criterion(cfg.loss, num_classes, ignore)
     inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
     optimizer = build_optimizer(cfg, net)
-    if cfg.train.max_iter > 0:
-        max_iter = cfg.train.max_iter
-    else:  # epochs may differ in length (coarse data switched off at data.max_cu_epoch)
-        max_iter = sum(batches.epoch_steps(e) for e in range(cfg.train.max_epoch))
+    max_iter, scheduler = schedule(cfg, optimizer, batches, steps_per_epoch)
     per_iter = cfg.train.lr_step == "iter"
-    sched_len = max_iter if per_iter else (
-        math.ceil(max_iter / steps_per_epoch) if cfg.train.max_iter > 0 else cfg.train.max_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(sched_len, cfg.train.poly_exp))
     scaler = grad_scaler(cfg.train.precision, dist.device)
     state = TrainState()
-
     if resume is not None:
-        path, ckpt = resume
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
-        batches.load_state_dict(ckpt["state"])
-        restore_rng(ckpt, cfg, dist, log)
-        log.info(f"resumed from {path} at iteration {state.iteration}")
-        # A validation after the last checkpoint may have saved a better best.pth: its record wins, so that a
-        # worse model never replaces it.
-        best = broadcast_object(best_record(run_dir) if dist.is_main else None)
-        if best is not None and best["miou"] > state.best_miou:
-            state.best_miou, state.best_iteration = best["miou"], best["iteration"]
-            log.info(f"best so far: mIoU {100 * best['miou']:.2f} at iteration {best['iteration']} (best.pth)")
+        state = restore(resume, (optimizer, scheduler, scaler, batches), cfg, dist, log, run_dir)
     saved_at = state.iteration if resume is not None else -1
     # Written only now: a refused resume or a failed weight load leaves the run's config as it was.
     if dist.is_main:
