@@ -24,7 +24,7 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "onnx", "onnxruntime", "onnxscript"],
+        "test": ["pytest>=9", "pytest-timeout", "onnx", "onnxruntime", "onnxscript"],
         "export": ["onnx", "onnxruntime", "onnxscript"],
     },
 )

@@ -71,7 +71,7 @@ def _cityscapes(cfg, split: str, train: bool) -> Dataset:
         raise DataNotFoundError(
             f"Cityscapes folder not found: data.root={cfg.root}: download leftImg8bit_trainvaltest.zip and "
             f"gtFine_trainvaltest.zip from https://www.cityscapes-dataset.com/downloads/, unpack them there and "
-            f"check with python scripts/prepare_cityscapes.py {cfg.root}; for the generated demo data use "
+            f"check with python -m scripts.prepare_cityscapes {cfg.root}; for the generated demo data use "
             "data.dataset=synthetic"
         )
     return _cityscapes_layout(cfg, split, train)

@@ -216,7 +216,7 @@ def test_the_demo_uses_the_synthetic_dataset():
 def test_cityscapes_with_a_missing_root_is_an_error_not_a_generation(tmp_path):
     root = tmp_path / "cityscapes"
     with pytest.raises(DataNotFoundError, match=rf"Cityscapes folder not found: data.root={root}: download .*"
-                                                rf"prepare_cityscapes.py {root}; .*data.dataset=synthetic"):
+                                                rf"scripts.prepare_cityscapes {root}; .*data.dataset=synthetic"):
         build_dataset(data_cfg(str(root)), "train", True)
     assert not root.exists() and os.listdir(tmp_path) == []
     with pytest.raises(DataError):  # the one class for expected data failures
