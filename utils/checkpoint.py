@@ -1,8 +1,9 @@
 """Checkpoints: atomic writes, auto-resume, and loading of ours and the original's snapshots.
 
 Our files hold {'format': 'hmsa', 'config', 'model', 'optimizer', 'scheduler', 'scaler', 'state' (iteration,
-data position, best so far), 'rng' (one entry per rank)}, and best.pth also 'best' (mIoU, iteration, epoch). The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_classes', 'epoch',
-'optimizer', 'mean_iu', 'command'}; both load here.
+data position, best so far), 'rng' (one entry per rank)}, and best.pth also 'best' (mIoU, iteration, epoch).
+The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_classes', 'epoch', 'optimizer',
+'mean_iu', 'command'}; both load here.
 """
 from __future__ import annotations
 
@@ -69,13 +70,15 @@ def remove_orphaned_temps(run_dir: str) -> list[str]:
     return found
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint dict on the CPU, with a clear error for a missing, truncated or foreign file."""
+def read_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict on the CPU, with a clear error for a missing, truncated or foreign file.
+
+    mmap: map the tensors instead of reading them (to look at the small fields of a large file)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # weights_only=False: our checkpoints hold plain Python containers (config, RNG states) besides tensors.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(ckpt, dict):
@@ -228,10 +231,9 @@ def best_record(run_dir: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("best")
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}; move it away to "
-                              "let the run keep a new best") from e
+        return read_checkpoint(path, mmap=True).get("best")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; move it away to let the run keep a new best") from e
 
 
 def save_best(run_dir: str, state: dict[str, Any]) -> str:

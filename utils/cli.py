@@ -31,8 +31,9 @@ class CliError(SystemExit):
         return self.message
 
 
-def debug_enabled(argv: list[str] | None = None) -> bool:
-    return "--debug" in (argv or []) or os.environ.get("HMSA_DEBUG", "") not in ("", "0")
+def debug_enabled() -> bool:
+    """HMSA_DEBUG set (to anything but 0): show tracebacks, as the --debug option does."""
+    return os.environ.get("HMSA_DEBUG", "") not in ("", "0")
 
 
 def describe_os_error(e: OSError) -> str:

@@ -264,12 +264,6 @@ def _check_scales(key: str, scales: tuple[float, ...]) -> None:
 
 def validate(cfg: Config) -> Config:
     """Checks across fields that a type cannot express; the error names the dotted key."""
-    _check_scales("eval.scales", cfg.eval.scales)
-    for i, scales in enumerate(cfg.eval.scale_sets):
-        _check_scales(f"eval.scale_sets[{i}]", scales)
-    bad = [r for r in cfg.eval.sweep_fusions if r not in CHOICES["eval.fusion"]]
-    if bad:
-        raise ConfigError(f"eval.sweep_fusions: expected values among {list(CHOICES['eval.fusion'])}, got {bad}")
     if cfg.train.max_iter < 0 or cfg.train.max_epoch < 0:
         raise ConfigError("train.max_iter and train.max_epoch must be >= 0")
     if cfg.train.max_iter == 0 and cfg.train.max_epoch == 0:
@@ -280,14 +274,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.dist_timeout must be a positive number of seconds, got {cfg.train.dist_timeout}")
     if any(c <= 0 for c in cfg.data.crop_size):
         raise ConfigError(f"data.crop_size: must be positive, got {list(cfg.data.crop_size)}")
-    for key in ("train.ckpt_interval", "train.log_interval", "data.batch_size", "data.val_batch_size"):
+    for key, low, rule in (("train.ckpt_interval", 1, "at least 1"), ("train.log_interval", 1, "at least 1"),
+                           ("data.batch_size", 1, "at least 1"), ("data.val_batch_size", 1, "at least 1"),
+                           ("train.val_interval", 0, ">= 0 (0: off)"), ("train.val_epochs", 0, ">= 0 (0: off)"),
+                           ("data.num_workers", 0, ">= 0 (0: off)")):
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(getattr(cfg, section), name)}")
-    for key in ("train.val_interval", "train.val_epochs", "data.num_workers"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"{key} must be >= 0 (0: off), got {getattr(getattr(cfg, section), name)}")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"{key} must be {rule}, got {value}")
     _validate_eval(cfg.eval)
     return cfg
 
@@ -300,6 +294,9 @@ def _validate_eval(e: EvalConfig) -> None:
             raise ConfigError(f"{key}: scales must be distinct, got {list(scales)}")
     if not e.sweep_fusions:
         raise ConfigError(f"eval.sweep_fusions must not be empty (values among {list(CHOICES['eval.fusion'])})")
+    bad = [r for r in e.sweep_fusions if r not in CHOICES["eval.fusion"]]
+    if bad:
+        raise ConfigError(f"eval.sweep_fusions: expected values among {list(CHOICES['eval.fusion'])}, got {bad}")
     if e.scale_sets and not e.sweep_flips:
         raise ConfigError("eval.sweep_flips must not be empty (use [false], [true] or [false, true])")
     if e.window and (len(e.window) != 2 or any(w <= 0 for w in e.window)):
