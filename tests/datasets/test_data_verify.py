@@ -16,7 +16,7 @@ from datasets.synthetic import generate_synthetic_cityscapes
 from datasets.verify import SHOWN, find_bad_files, verify_dataset
 from utils.config import DataConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, W = 32, 48
 
 

@@ -64,7 +64,7 @@ def test_scale_crop_keeps_image_and_mask_aligned(scale, seed, options):
 
 def test_scale_crop_equals_resize_then_crop_opencv():
     """resample=opencv, scale 2 with no padding: the mask is exactly the nearest-resized mask's window, the image
-    the bicubic one up to a sub-pixel shift. (resample=pil is bit-exact: tests/test_transforms_pil.py.)"""
+    the bicubic one up to a sub-pixel shift. (resample=pil is bit-exact: tests/transforms/test_transforms_pil.py.)"""
     image, mask = blocks()
     t = RandomScaleCrop((40, 50), 2.0, 2.0, ignore_index=IGNORE, resample="opencv", placement="uniform")
     out, out_mask = t(image, mask, np.random.default_rng(3))

@@ -24,7 +24,7 @@ import train as train_script
 from datasets.synthetic import generate_synthetic_cityscapes
 from utils.checkpoint import checkpoint_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}"
 
 

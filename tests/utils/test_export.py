@@ -7,7 +7,7 @@ import pytest
 
 from tests.eval_fixtures import make_setup
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def export_script():

@@ -14,7 +14,7 @@ import network
 from scripts import gen_config_docs as gen
 from utils.config import CHOICES, Config, to_dict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # docs/differences.md names removed keys on purpose (what replaced them); it is checked by its own owner.
 PAGES = ["README.md"] + sorted(
     os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))

@@ -17,7 +17,7 @@ from datasets.custom import colors_to_ids, read_class_list
 from utils.config import DataConfig
 from utils.inference.video import VideoReader
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LABELS = [
     {"readable": "Bird", "name": "animal--bird", "color": [165, 42, 42], "evaluate": True},
     {"readable": "Ground Animal", "name": "animal--ground-animal", "color": [0, 192, 0], "evaluate": True},

@@ -6,7 +6,7 @@ import yaml
 
 from utils.config import Config, ConfigError, diff_configs, from_dict, load_config, to_dict, to_yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_defaults_are_the_demo():

@@ -65,7 +65,7 @@ def test_defaults_are_plain_ce_for_the_demo():
 
 
 def test_ce_golden_value_of_the_original():
-    from tests.test_rmi import golden_inputs
+    from tests.loss.test_rmi import golden_inputs
 
     logits, labels = golden_inputs()
     assert abs(cross_entropy(logits, labels, 4, 255).item() - 1.9160163) < 1e-6

@@ -18,7 +18,7 @@ from network.hrnet import BilinearFuseModule, HRNetTrunk
 from network.ocr import OCRBlock
 
 # The original's key lists: vendored under tests/data/keys, else the shared copy.
-KEYS_DIRS = (os.path.join(os.path.dirname(__file__), "data", "keys"), "/work/shared/reference/keys")
+KEYS_DIRS = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "keys"), "/work/shared/reference/keys")
 SMALL = {"trunk": "hrnet_w18_small", "mid_ch": 32, "key_ch": 16}
 
 

@@ -18,7 +18,7 @@ import pytest
 import network
 from utils.config import Config, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HMSA = "ocrnet.HRNet_Mscale"
 
 # What every training recipe shares with the original's train.py defaults (flags its scripts do not set).

@@ -11,7 +11,7 @@ import network
 from network.mscale import MscaleBase, check_scales
 
 TINY = {"trunk": "resnet18", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16}
-REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "keys")
+REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "keys")
 
 
 def tiny_options(name: str) -> dict:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import SlurmCluster, missing_binaries
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
     "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.height=64",

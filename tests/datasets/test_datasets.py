@@ -20,7 +20,7 @@ from datasets.synthetic import MANIFEST, MARKER, generate_synthetic_cityscapes, 
 from transforms import build_transforms
 from utils.config import DataConfig, SyntheticConfig, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCENE_IDS = {0, 1, 7, 8, 11, 17, 20, 21, 23, 24, 26}
 

@@ -3,8 +3,8 @@ gloo, SyncBN, preemption signals, a dead or hung rank, launcher environments and
 
 Run as a script (by torchrun or with RANK/WORLD_SIZE/... set, from the repository root), this file is the worker
 of those tests:
-    python -m tests.test_dist syncbn --out DIR
-    python -m tests.test_dist train [at=KIND:RANK:ITERATION] -- [train.py arguments]
+    python -m tests.utils.test_dist syncbn --out DIR
+    python -m tests.utils.test_dist train [at=KIND:RANK:ITERATION] -- [train.py arguments]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
 
 pytestmark = pytest.mark.dist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {"trunk": "resnet18", "aspp_ch": 8, "fine_ch": 8, "head_ch": 8, "attn_ch": 8}
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -13,7 +13,7 @@ from datasets import DataError, DataNotFoundError, build_dataset
 from datasets.synthetic import generate_synthetic_cityscapes, synthetic_scene
 from utils.config import ConfigError, DataConfig, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H, W = 32, 64
 ROAD, CAR, TRUCK, BUS = 7, 26, 27, 28  # label ids; train ids 0, 13, 14, 15
 
