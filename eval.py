@@ -5,7 +5,7 @@ Modes (what is read):
     --split NAME       another split of data.dataset; an unlabelled one (Cityscapes `test`) gives predictions only
     --folder DIR       every image of a folder (no labels): pictures of all of them
     --video FILE       an annotated video (overlay, and attention maps with eval.video_attention=true)
-(a folder or a video takes the class list of data.classes, Cityscapes when empty)
+(a folder or a video takes the class list of data.custom.classes, Cityscapes when empty)
 and what is written besides pictures:
     --submit           label-id PNGs (Cityscapes ids) for the test server, in OUT/submit
     --autolabel        the same with their probability maps `_prob.png`, in OUT/autolabel
@@ -56,9 +56,10 @@ from utils.evaluation.metrics import (
 )
 from utils.evaluation.results_page import write_results_page
 from utils.inference import Inference, has_attention
-from utils.inference.video import ProgressLine, VideoReader, annotate_video
-from utils.log import RunLogger
+from utils.inference.video import VideoReader, annotate_video
+from utils.log import Progress, RunLogger
 from utils.runtime.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup
+from utils.runtime.layout import place_model
 
 TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
 TB_KINDS = ("overlay", "error", "conf")  # plus every attn_{s}x
@@ -146,9 +147,9 @@ def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
 
 def read_dataset(cfg: Config, args: argparse.Namespace):
     """The dataset to run on: a split of data.dataset, or a folder of images (datasets/folder.py, with the class
-    list of data.classes: Cityscapes when empty). A video needs only that class list."""
+    list of data.custom.classes: Cityscapes when empty). A video needs only that class list."""
     if args.video is not None:
-        return class_info(cfg.data.classes)
+        return class_info(cfg.data.custom.classes)
     if args.folder is None:
         return build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
     return build_dataset(replace(cfg.data, dataset="folder", root=args.folder), "folder", train=False)
@@ -201,7 +202,7 @@ def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out
     out_path = args.video_out or os.path.join(out_dir, f"{stem}_seg.mp4")
     frames = annotate_video(
         model, reader, out_path, build_transforms(cfg.data, False, classes.ignore_index), classes.palette, device,
-        Inference.from_config(cfg), cfg.eval.video_attention, ProgressLine(reader.frame_count),
+        Inference.from_config(cfg), cfg.eval.video_attention, Progress(reader.frame_count, unit="frames"),
     )
     log.info(f"{args.video}: {frames} frames -> {out_path}")
     return {"video": out_path, "frames": frames}
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     if args.video and dist.distributed:
         raise CliError("--video runs in one process; start it without torchrun")
-    run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+    run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
     weights = find_weights(args, run_dir, cfg.model.snapshot)
 
     # Everything that can be wrong with the input is found here, before the first image is processed.
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     writer = label_writer(args, dataset, out_dir)
     how = Inference.from_config(cfg)
     combos = how.sweep(model)
-    model.to(dist.device)
+    place_model(model, dist.device, cfg.run.channels_last)
 
     log = RunLogger(out_dir, enabled=dist.is_main)
     log.capture_modules()

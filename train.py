@@ -14,12 +14,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 import network
+from network.layers import sync_batchnorm
 from datasets import build_dataset, build_loader
 from datasets.base import DataError
 from loss import build_criterion
@@ -43,6 +44,7 @@ from utils.config import Config, ConfigError, diff_configs, to_dict, to_yaml
 from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
+from utils.inference.memory import check_train_memory
 from utils.log import Progress, RunLogger
 from utils.runtime.dist import (
     DistConfigError,
@@ -53,7 +55,6 @@ from utils.runtime.dist import (
     broadcast_object,
     cleanup,
     collective_errors,
-    sync_batchnorm,
 )
 from utils.runtime.precision import grad_scaler
 from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, FloatingPointError,
                    ValueError)
 # Keys that do not change the weights a run produces: changing them does not stop a resume.
-RESUME_NEUTRAL = ("eval.", "train.run_name:", "train.output_dir:")
+RESUME_NEUTRAL = ("eval.", "run.name:", "run.output_dir:")
 PREEMPT_CHECK_STEPS = 10  # at most this many steps between two agreements on a preemption signal
 
 
@@ -122,7 +123,7 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     elif args.resume == "none":
         if broadcast_object(bool(checkpoint_files(run_dir)) if dist.is_main else None):
             raise CliError(f"{run_dir} already holds checkpoints (--resume none); use --resume auto to continue "
-                           "it, or another train.run_name to start a new run")
+                           "it, or another run.name to start a new run")
         return None
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
@@ -131,8 +132,8 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     if differ and not args.force_resume:
         raise CliError(
             f"refusing to resume {path}: training settings differ from the run's: " + "; ".join(differ)
-            + " (evaluation settings eval.*, train.run_name and train.output_dir do not count; use --force-resume "
-            "to continue anyway, or another train.run_name for a new run)"
+            + " (evaluation settings eval.*, run.name and run.output_dir do not count; use --force-resume "
+            "to continue anyway, or another run.name for a new run)"
         )
     return path, ckpt
 
@@ -172,7 +173,7 @@ def prepare_output(run_dir: str, dump_dir: str, dist: DistInfo) -> list[str]:
     checkpoint or the final dump; remove temporary files of killed checkpoint writes. Returns warnings to log."""
     if not dist.is_main:
         return []
-    ensure_writable_dir(run_dir, "train.output_dir / train.run_name")
+    ensure_writable_dir(run_dir, "run.output_dir / run.name")
     ensure_writable_dir(dump_dir, "eval.dump_dir")
     return [f"removed {p}, left by an interrupted checkpoint write" for p in remove_orphaned_temps(run_dir)]
 
@@ -181,7 +182,7 @@ def place_model(net: torch.nn.Module, cfg: Config, dist: DistInfo) -> tuple[torc
     """(the module itself, for checkpoints and evaluation; what a training step calls: DDP / compiled)."""
     # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
     torch.backends.cudnn.benchmark = dist.device.type == "cuda"
-    net.to(dist.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format)
+    net.to(dist.device, memory_format=torch.channels_last if cfg.run.channels_last else torch.preserve_format)
     model: torch.nn.Module = net
     if dist.distributed:
         if cfg.model.norm == "syncbn":
@@ -199,7 +200,7 @@ def schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches: TrainBatche
     """The iteration budget and the poly learning rate (stepped per iteration, or per epoch as the original)."""
     if cfg.train.max_iter > 0:
         max_iter = cfg.train.max_iter
-    else:  # epochs may differ in length (coarse data switched off at data.max_cu_epoch)
+    else:  # epochs may differ in length (coarse data switched off at data.coarse.last_epoch)
         max_iter = sum(batches.epoch_steps(e) for e in range(cfg.train.max_epoch))
     if cfg.train.lr_step == "iter":
         length = max_iter
@@ -208,11 +209,108 @@ def schedule(cfg: Config, optimizer: torch.optim.Optimizer, batches: TrainBatche
     return max_iter, torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(length, cfg.train.poly_exp))
 
 
+@dataclass
+class Training:
+    """What a checkpoint saves and a resume restores, and where it goes."""
+
+    cfg: Config
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    batches: TrainBatches
+    state: TrainState
+    run_dir: str
+    dist: DistInfo
+    log: RunLogger
+    saved_at: int  # the iteration of the last checkpoint (-1: none in this process)
+
+    def payload(self) -> dict | None:
+        """Everything a resume restores (on rank 0; None elsewhere). Collective: every rank calls it."""
+        rngs = all_gather_objects(rng_state())  # every rank's streams, restored rank by rank
+        if not self.dist.is_main:
+            return None
+        return {
+            "format": "hmsa",
+            "config": to_dict(self.cfg),
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": {**vars(self.state), **self.batches.state_dict()},
+            "rng": rngs,  # one entry per rank
+        }
+
+    def checkpoint(self) -> None:
+        content = self.payload()
+        if self.dist.is_main:
+            self.log.info(f"checkpoint {save_run_checkpoint(self.run_dir, self.state.iteration, content)}")
+        barrier()  # nobody moves on (or exits) before the file is complete
+        self.saved_at = self.state.iteration
+
+    def save_best(self, miou: float) -> None:
+        """best.pth: the whole checkpoint with its mIoU, iteration and epoch."""
+        self.state.best_miou, self.state.best_iteration = miou, self.state.iteration
+        content = self.payload()
+        if self.dist.is_main:
+            content["best"] = {"miou": miou, "iteration": self.state.iteration, "epoch": self.batches.epoch}
+            self.log.info(f"best mIoU {100 * miou:.2f} at iteration {self.state.iteration}: "
+                          f"{save_best(self.run_dir, content)}")
+        barrier()
+
+
+@dataclass
+class Validation:
+    """The validation split and how it is evaluated (the final validation also writes the dumps)."""
+
+    loader: torch.utils.data.DataLoader
+    dataset: torch.utils.data.Dataset
+    inference: Inference
+    dump_dir: str
+    cfg: Config
+
+
+def validate(run: Training, v: Validation, preempt: Preemption, final: bool) -> dict | None:
+    """Metrics of the validation split; None when a preemption signal cut it short (on every rank).
+
+    A new best mIoU is saved as best.pth. The model is left in eval mode."""
+    e = v.cfg.eval
+    result = evaluate(
+        run.net, v.loader, v.dataset.num_classes, v.dataset.ignore_index, v.inference, run.dist.device,
+        dump_dir=v.dump_dir if final else None, dump=e.dump, num_dump=e.num_dump if final else 0,
+        palette=v.dataset.palette, should_stop=preempt.batch_check(len(v.loader)),
+    )
+    it = run.state.iteration
+    if result.stopped:
+        run.log.info(f"validation at iteration {it} interrupted by a preemption signal")
+        return None
+    metrics = compute_metrics(result.hist, v.dataset.class_names)
+    metrics["loss"] = result.loss
+    run.log.scalars("val", it, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
+    run.log.info(f"validation at iteration {it} (epoch {run.batches.epoch}), scales {list(e.scales)}"
+                 f"{' + flip' if e.flip else ''}:\n" + format_table(metrics))
+    if metrics["miou"] > run.state.best_miou:
+        run.save_best(metrics["miou"])
+    run.log.info(f"best so far: mIoU {100 * run.state.best_miou:.2f} at iteration {run.state.best_iteration}")
+    return metrics
+
+
+def stop_for_preemption(run: Training, max_iter: int) -> None:
+    """Checkpoint (unless this iteration has one), then leave with the requeue exit code, all ranks together."""
+    if run.saved_at != run.state.iteration:
+        run.checkpoint()
+    run.log.info(f"stopped by a preemption signal at iteration {run.state.iteration}/{max_iter}; exit code "
+                 f"{EXIT_PREEMPTED}: run the same command again (train.sbatch requeues itself) to resume")
+    run.log.close()
+    barrier()  # leave together: srun --kill-on-bad-exit ends the others as soon as one task exits 75
+    raise SystemExit(EXIT_PREEMPTED)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
         cfg, dist = load_and_start(args)
-        run_dir = os.path.join(cfg.train.output_dir, cfg.train.run_name)
+        run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
         try:
             with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):
                 return train(args, cfg, dist, run_dir, preempt)
@@ -260,13 +358,16 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     for report in reports:
         log.info(report)
     net, model = place_model(net, cfg, dist)
+    fits = check_train_memory(cfg, num_classes, dist.device, ignore)  # refuses a step that cannot fit, now
+    if fits:
+        log.info(fits)
 
     criterion = build_criterion(cfg.loss, num_classes, ignore)
     inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
     optimizer = build_optimizer(cfg, net)
     max_iter, scheduler = schedule(cfg, optimizer, batches, steps_per_epoch)
     per_iter = cfg.train.lr_step == "iter"
-    scaler = grad_scaler(cfg.train.precision, dist.device)
+    scaler = grad_scaler(cfg.run.precision, dist.device)
     state = TrainState()
     if resume is not None:
         state = restore(resume, (optimizer, scheduler, scaler, batches), cfg, dist, log, run_dir)
@@ -276,75 +377,16 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
 
-    def payload() -> dict | None:
-        """Everything a resume restores (on rank 0; None elsewhere). Collective: every rank calls it."""
-        rngs = all_gather_objects(rng_state())  # every rank's streams, restored rank by rank
-        if not dist.is_main:
-            return None
-        return {
-            "format": "hmsa",
-            "config": to_dict(cfg),
-            "model": net.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "state": {**vars(state), **batches.state_dict()},
-            "rng": rngs,  # one entry per rank
-        }
-
-    def checkpoint() -> None:
-        nonlocal saved_at
-        content = payload()
-        if dist.is_main:
-            log.info(f"checkpoint {save_run_checkpoint(run_dir, state.iteration, content)}")
-        barrier()  # nobody moves on (or exits) before the file is complete
-        saved_at = state.iteration
-
-    def validate(final: bool) -> dict | None:
-        """Metrics of the validation split; None when a preemption signal cut it short (on every rank).
-
-        A new best mIoU is saved as best.pth (with its mIoU and iteration)."""
-        result = evaluate(
-            net, val_loader, num_classes, ignore, inference, dist.device, dump_dir=dump_dir if final else None,
-            dump=cfg.eval.dump, num_dump=cfg.eval.num_dump if final else 0, palette=val_set.palette,
-            should_stop=preempt.batch_check(len(val_loader)),
-        )
-        model.train()
-        if result.stopped:
-            log.info(f"validation at iteration {state.iteration} interrupted by a preemption signal")
-            return None
-        metrics = compute_metrics(result.hist, val_set.class_names)
-        metrics["loss"] = result.loss
-        log.scalars("val", state.iteration, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
-        log.info(f"validation at iteration {state.iteration} (epoch {batches.epoch}), scales {list(cfg.eval.scales)}"
-                 f"{' + flip' if cfg.eval.flip else ''}:\n" + format_table(metrics))
-        if metrics["miou"] > state.best_miou:
-            state.best_miou, state.best_iteration = metrics["miou"], state.iteration
-            content = payload()
-            if dist.is_main:
-                content["best"] = {"miou": metrics["miou"], "iteration": state.iteration, "epoch": batches.epoch}
-                log.info(f"best mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}: "
-                         f"{save_best(run_dir, content)}")
-            barrier()
-        log.info(f"best so far: mIoU {100 * state.best_miou:.2f} at iteration {state.best_iteration}")
-        return metrics
-
-    def stop_for_preemption() -> None:
-        if saved_at != state.iteration:
-            checkpoint()
-        log.info(f"stopped by a preemption signal at iteration {state.iteration}/{max_iter}; exit code "
-                 f"{EXIT_PREEMPTED}: run the same command again (train.sbatch requeues itself) to resume")
-        log.close()
-        barrier()  # leave together: srun --kill-on-bad-exit ends the others as soon as one task exits 75
-        raise SystemExit(EXIT_PREEMPTED)
+    run = Training(cfg, net, optimizer, scheduler, scaler, batches, state, run_dir, dist, log, saved_at)
+    validation = Validation(val_loader, val_set, inference, dump_dir, cfg)
 
     # The loop. Scalars stay on the device except at logging steps; ranks agree on a preemption signal at those
     # steps and every PREEMPT_CHECK_STEPS steps (a collective: not on every step).
     progress = Progress(max_iter, state.iteration, log.info)
     start = time.time()
     while state.iteration < max_iter:
-        scalars = train_step(model, batches.next_step(), criterion, optimizer, scaler, precision=cfg.train.precision,
-                             device=dist.device, channels_last=cfg.train.channels_last)
+        scalars = train_step(model, batches.next_step(), criterion, optimizer, scaler, precision=cfg.run.precision,
+                             device=dist.device, channels_last=cfg.run.channels_last)
         state.iteration += 1
         it = state.iteration
         if per_iter:
@@ -356,7 +398,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             values = {k: float(v) for k, v in scalars.items()}  # the host synchronisation, at logging steps only
             if not all(math.isfinite(v) for v in values.values()):
                 raise FloatingPointError(f"non-finite loss at iteration {it}: {values} (lower train.lr, or use "
-                                         f"train.precision=fp32; the last checkpoint is kept)")
+                                         f"run.precision=fp32; the last checkpoint is kept)")
             progress.update(it, {**values, "epoch": epoch})
             log.scalars("train", it, values)
         if epoch_ended and not per_iter:
@@ -364,20 +406,21 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         val_epochs = cfg.train.val_epochs
         epoch_val = epoch_ended and val_epochs > 0 and batches.epoch % val_epochs == 0
         if it < max_iter and (epoch_val or (cfg.train.val_interval > 0 and it % cfg.train.val_interval == 0)):
-            if validate(final=False) is None:
-                stop_for_preemption()
+            if validate(run, validation, preempt, final=False) is None:
+                stop_for_preemption(run, max_iter)
+            model.train()
         if it % cfg.train.ckpt_interval == 0 and it < max_iter:
-            checkpoint()
+            run.checkpoint()
         if (it % cfg.train.log_interval == 0 or it % PREEMPT_CHECK_STEPS == 0) and preempt.agreed():
-            stop_for_preemption()
+            stop_for_preemption(run, max_iter)
     log.info(f"training finished: {max_iter} iterations in {time.time() - start:.0f} s")
     # The weights are safe before the final validation: a bad val image or dump folder costs the evaluation only,
     # and the same command (after fixing an eval.* value) resumes straight into it.
-    if saved_at != state.iteration:
-        checkpoint()
-    metrics = validate(final=True)
+    if run.saved_at != state.iteration:
+        run.checkpoint()
+    metrics = validate(run, validation, preempt, final=True)
     if metrics is None:
-        stop_for_preemption()
+        stop_for_preemption(run, max_iter)
     if dist.is_main:
         results = {"written_by": "train.py", "iteration": state.iteration, "scales": list(cfg.eval.scales),
                    "flip": cfg.eval.flip,

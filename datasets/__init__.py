@@ -81,16 +81,17 @@ def _cityscapes(cfg, split: str, train: bool) -> Dataset:
 def _synthetic(cfg, split: str, train: bool) -> Dataset:
     # Generated on first use (and when data.synthetic.* changes) at data.root, then read as Cityscapes.
     s = cfg.synthetic
-    generate_synthetic_cityscapes(cfg.root, s.num_train, s.num_val, s.height, s.width, s.seed)
+    generate_synthetic_cityscapes(cfg.root, s.num_train, s.num_val, s.height, s.width, s.seed, s.num_extra)
     return _cityscapes_layout(cfg, split, train)
 
 
 def _cityscapes_layout(cfg, split: str, train: bool) -> Dataset:
     transform = build_transforms(cfg, train, ignore_index=255)
     coarse = None
-    if train and cfg.coarse_boost_classes:
-        coarse = CoarseOptions(cfg.coarse_boost_classes, cfg.custom_coarse_prob, cfg.custom_coarse_dropout_classes,
-                               cfg.mask_out_cityscapes, cfg.autolabel_dir, cfg.max_cu_epoch, cfg.autolabel_order)
+    c = cfg.coarse
+    if train and c.boost_classes:
+        coarse = CoarseOptions(c.boost_classes, c.autolabel_threshold, c.dropout_classes, c.mask_out, c.autolabel_dir,
+                               c.last_epoch, c.order)
     ds = CityscapesDataset(cfg.root, split, transform, cv=cfg.cv, skip_bad=cfg.skip_bad, coarse=coarse)
     return _prepared(ds, cfg, train)
 
@@ -104,17 +105,18 @@ def _mapillary(cfg, split: str, train: bool) -> Dataset:
 
 @register_dataset("custom")
 def _custom(cfg, split: str, train: bool) -> Dataset:
-    ignore = read_class_list(cfg.classes)[0].ignore_index
-    ds = CustomDataset(cfg.root, split, cfg.classes, build_transforms(cfg, train, ignore), cfg.image_dir,
-                       cfg.mask_dir, cfg.mask_suffix, cfg.skip_bad)
+    c = cfg.custom
+    ignore = read_class_list(c.classes)[0].ignore_index
+    ds = CustomDataset(cfg.root, split, c.classes, build_transforms(cfg, train, ignore), c.image_dir, c.mask_dir,
+                       c.mask_suffix, cfg.skip_bad)
     return _prepared(ds, cfg, train)
 
 
 @register_dataset("folder")
 def _folder(cfg, split: str, train: bool) -> Dataset:
     # Unlabelled: evaluation transforms only, whatever `train` says; the split names nothing here.
-    ds = FolderDataset(cfg.root, build_transforms(cfg, False, class_info(cfg.classes).ignore_index), cfg.classes,
-                       cfg.skip_bad)
+    classes = cfg.custom.classes
+    ds = FolderDataset(cfg.root, build_transforms(cfg, False, class_info(classes).ignore_index), classes, cfg.skip_bad)
     return _prepared(ds, cfg, False)
 
 
@@ -122,9 +124,9 @@ def _prepared(ds: SegmentationDataset, cfg, train: bool) -> SegmentationDataset:
     """With data.verify, every file decoded first (before the class-uniform centroids, which read every mask)."""
     if cfg.verify:
         verify_dataset(ds, cfg.num_workers, cfg.skip_bad)
-    if train and cfg.class_uniform_pct > 0:
-        ds.enable_class_uniform(cfg.class_uniform_pct, cfg.class_uniform_tile, cfg.centroid_dir,
-                                snap=cfg.centroid_snap, share=cfg.class_uniform_share)
+    u = cfg.class_uniform
+    if train and u.pct > 0:
+        ds.enable_class_uniform(u.pct, u.tile, u.cache_dir, snap=u.snap, share=u.share)
     return ds
 
 

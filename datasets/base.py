@@ -212,7 +212,7 @@ class SegmentationDataset(Dataset):
         """Samples in `epoch`. Without class-uniform sampling: all samples in every epoch (once the extra samples
         are switched off the main ones fill the epoch, whole shuffled passes first). Class-uniform epochs (extra
         data enters through centroids) have the size ClassUniform.epoch_size gives: num_main with
-        data.class_uniform_share=present_classes; with all_classes (the original) num_main less per_class for each
+        data.class_uniform.share=present_classes; with all_classes (the original) num_main less per_class for each
         class without centroids, which changes between epochs only when switching the extra samples off leaves
         a class without centroids."""
         if self.uniform is not None:
@@ -229,7 +229,7 @@ class SegmentationDataset(Dataset):
     def enable_class_uniform(self, pct: float, tile: int, cache_dir: str = "", workers: int = 0, snap: bool = False,
                              share: str = "all_classes") -> None:
         """Turn on class-uniform sampling with centroids of every main image (cached; built when absent/stale).
-        `snap` and `share` are data.centroid_snap and data.class_uniform_share (datasets/uniform.py)."""
+        `snap` and `share` are data.class_uniform.snap and data.class_uniform.share (datasets/uniform.py)."""
 
         centroids, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile, self.description,
                                        cache_dir, workers=workers, snap=snap)

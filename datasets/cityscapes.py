@@ -150,7 +150,7 @@ def find_extra_layout(root: str) -> tuple[str, str]:
         folder = os.path.join(root, images, "train_extra")
         if os.path.isdir(folder):
             return folder, os.path.join(root, labels, "train_extra")
-    raise DataNotFoundError(f"coarse data requested (data.coarse_boost_classes) but no train_extra images under "
+    raise DataNotFoundError(f"coarse data requested (data.coarse.boost_classes) but no train_extra images under "
                             f"{root}: {EXTRA_HELP}")
 
 
@@ -168,7 +168,7 @@ class CoarseOptions:
 
     def __post_init__(self) -> None:
         if self.order not in AUTOLABEL_ORDERS:
-            raise ValueError(f"data.autolabel_order must be one of {', '.join(AUTOLABEL_ORDERS)}, got {self.order!r}")
+            raise ValueError(f"data.coarse.order must be one of {', '.join(AUTOLABEL_ORDERS)}, got {self.order!r}")
 
 
 class CityscapesDataset(SegmentationDataset):
@@ -235,7 +235,7 @@ class CityscapesDataset(SegmentationDataset):
         auto = self.coarse.autolabel_dir
         auto = auto if os.path.isabs(auto) else os.path.join(root, auto)
         if not os.path.isdir(auto):
-            raise DataNotFoundError(f"autolabelled masks requested (data.custom_coarse_prob > 0) but {auto} does "
+            raise DataNotFoundError(f"autolabelled masks requested (data.coarse.autolabel_threshold > 0) but {auto} does "
                                     f"not exist ({AUTOLABEL_HELP})")
         out: list[Sample] = []
         missing: list[str] = []

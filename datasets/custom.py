@@ -46,7 +46,7 @@ def default_palette(n: int) -> np.ndarray:
 def read_class_list(path: str) -> tuple[ClassInfo, LabelMap]:
     """Classes and raw-value -> train-id table from a class-list YAML (see the module docstring)."""
     if not os.path.isfile(path):
-        raise DataNotFoundError(f"class list not found: {path} (set data.classes to a YAML file)")
+        raise DataNotFoundError(f"class list not found: {path} (set data.custom.classes to a YAML file)")
     with open(path) as f:
         try:
             spec = yaml.safe_load(f)

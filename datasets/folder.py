@@ -1,6 +1,6 @@
 """Any folder of images, any sizes, no labels (inference and dumps).
 
-The class list (for palettes and the model's class count) is the Cityscapes one unless data.classes names a
+The class list (for palettes and the model's class count) is the Cityscapes one unless data.custom.classes names a
 class-list YAML (datasets/custom.py) or a Mapillary config.json.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from .base import IMAGE_EXTENSIONS, ClassInfo, DataNotFoundError, LabelMap, Samp
 
 
 def class_info(classes: str) -> ClassInfo:
-    """The classes named by data.classes: '' or 'cityscapes', a Mapillary config.json, or a class-list YAML."""
+    """The classes named by data.custom.classes: '' or 'cityscapes', a Mapillary config.json, or a class-list YAML."""
     return class_source(classes)[0]
 
 
 def class_source(classes: str) -> tuple[ClassInfo, LabelMap]:
-    """Classes and label table named by data.classes (see class_info)."""
+    """Classes and label table named by data.custom.classes (see class_info)."""
     if not classes or classes == "cityscapes":
         from .cityscapes import CLASSES, label_map
 

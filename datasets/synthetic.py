@@ -2,11 +2,15 @@
 
     <root>/leftImg8bit/{train,val}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
     <root>/gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png   (Cityscapes label ids)
+and, with num_extra > 0, an unlabelled "extra" split as Cityscapes' train_extra, with coarse polygon labels:
+    <root>/leftImg8bit/train_extra/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    <root>/gtCoarse/train_extra/<city>/<city>_<seq>_<frame>_gtCoarse_labelIds.png
 
 Scenes have large regions (sky, road, sidewalk, buildings, trees) and small or thin objects (poles, signs, people,
 cars) whose size follows their distance to the horizon, so scale matters. Each class has its own mean colour, but
 lighting, colour casts, texture and pixel noise make single pixels ambiguous: context is needed. Unlabelled pixels
-(id 0 clutter, id 1 ego vehicle) map to ignore.
+(id 0 clutter, id 1 ego vehicle) map to ignore. The coarse labels are what a quick annotator draws: one polygon
+per object, a few pixels inside its outline, small objects left out, everything else id 0 (unlabelled).
 
 Generation is deterministic per (seed, split, image index), takes a fraction of a second per image, and is atomic:
 the files are written to a temporary sibling folder that is renamed to `root` after the marker file is written.
@@ -39,6 +43,9 @@ MANIFEST = "synthetic_cityscapes_files.json"  # {path relative to the root: SHA-
 VERSION = 1
 TRAIN_CITIES = ("aachen", "bochum", "bremen", "cologne", "darmstadt", "dusseldorf")
 VAL_CITIES = ("frankfurt", "lindau", "munster")
+EXTRA_CITIES = ("augsburg", "bamberg", "dortmund")  # cities of Cityscapes' train_extra
+EXTRA_SPLIT = "train_extra"
+SPLIT_STREAMS = {"train": 0, "val": 1, EXTRA_SPLIT: 2}  # each split's scenes come from their own random stream
 
 # Cityscapes label ids used by the scenes.
 UNLABELED, EGO, ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR = 0, 1, 7, 8, 11, 17, 20, 21, 23, 24, 26
@@ -198,14 +205,65 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.nda
 
 
 def synthetic_scene(seed: int, split: str, index: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: RGB uint8 [H,W,3] and Cityscapes label ids uint8 [H,W]; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    """One scene: RGB uint8 [H,W,3] and Cityscapes label ids uint8 [H,W]; a pure function of its arguments.
+    `split` is train, val or train_extra (any other name draws from the val stream, as before the extra split)."""
+    rng = np.random.default_rng([seed, SPLIT_STREAMS.get(split, 1), index])
     return _scene(rng, height, width)
 
 
-def _params(num_train: int, num_val: int, height: int, width: int, seed: int) -> dict:
-    return {"version": VERSION, "num_train": num_train, "num_val": num_val, "height": height, "width": width,
-            "seed": seed}
+def coarse_polygons(label: np.ndarray) -> np.ndarray:
+    """Coarse label ids of a fine label map, as Cityscapes' gtCoarse: each connected region of a labelled id
+    becomes one polygon (its outline eroded by about 1/64 of the image and simplified), drawn largest first so
+    that objects lie on the regions around them; regions that vanish under the erosion are left out, and every
+    pixel no polygon covers is id 0 (unlabelled). Deterministic."""
+    h, w = label.shape
+    margin = max(1, round(min(h, w) / 64))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    regions = []
+    for label_id in np.unique(label):
+        if label_id in (UNLABELED, EGO):
+            continue
+        count, comp, stats, _ = cv2.connectedComponentsWithStats((label == label_id).astype(np.uint8), connectivity=8)
+        for c in range(1, count):
+            x, y, bw, bh, area = (int(v) for v in stats[c])
+            regions.append((area, int(label_id), c, comp, x, y, bw, bh))
+    out = np.zeros_like(label)
+    for _, label_id, c, comp, x, y, bw, bh in sorted(regions, key=lambda r: (-r[0], r[1], r[2])):
+        # The region's bounding box with a margin (clipped to the image, whose border does not erode).
+        x0, y0 = max(0, x - margin - 1), max(0, y - margin - 1)
+        x1, y1 = min(w, x + bw + margin + 1), min(h, y + bh + margin + 1)
+        box = (comp[y0:y1, x0:x1] == c).astype(np.uint8)
+        contours, tree = cv2.findContours(cv2.erode(box, kernel), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        # Outer outlines filled, then the holes (other objects inside the region, grown by the erosion) cut out.
+        shape = np.zeros_like(box)
+        for is_hole in (False, True):
+            polys = [cv2.approxPolyDP(ct, max(1.0, 0.02 * cv2.arcLength(ct, True)), True)
+                     for ct, node in zip(contours, tree[0]) if (node[3] >= 0) == is_hole]
+            polys = [p for p in polys if len(p) >= 3]
+            if polys:
+                cv2.fillPoly(shape, polys, 0 if is_hole else 1)
+        out[y0:y1, x0:x1][shape.astype(bool)] = label_id
+    return out
+
+
+def _params(num_train: int, num_val: int, height: int, width: int, seed: int, num_extra: int = 0) -> dict:
+    params = {"version": VERSION, "num_train": num_train, "num_val": num_val, "height": height, "width": width,
+              "seed": seed}
+    if num_extra:  # absent when 0: data generated before the extra split existed keeps matching its marker
+        params["num_extra"] = num_extra
+    return params
+
+
+def _matches(marker: dict | None, params: dict) -> bool:
+    """Whether the data at a marker serves a request: the same parameters, or a request without the extra split
+    (num_extra 0) and data that has one besides the same train and val images (their files do not depend on it)."""
+    if marker is None:
+        return False
+    if "num_extra" not in params:
+        marker = {k: v for k, v in marker.items() if k != "num_extra"}
+    return marker == params
 
 
 def read_marker(root: str) -> dict | None:
@@ -234,17 +292,22 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write(folder: str, num_train: int, num_val: int, height: int, width: int, seed: int) -> dict[str, str]:
+def _write(folder: str, num_train: int, num_val: int, height: int, width: int, seed: int,
+           num_extra: int = 0) -> dict[str, str]:
     """Write the images and label maps under `folder`; returns the manifest {relative path: SHA-256}."""
     written: dict[str, str] = {}
-    for split, n, cities in (("train", num_train, TRAIN_CITIES), ("val", num_val, VAL_CITIES)):
+    for split, n, cities in (("train", num_train, TRAIN_CITIES), ("val", num_val, VAL_CITIES),
+                             (EXTRA_SPLIT, num_extra, EXTRA_CITIES)):
         for i in range(n):
             city = cities[i % len(cities)]
             stem = f"{city}_{i:06d}_000019"
             image, label = synthetic_scene(seed, split, i, height, width)
+            if split == EXTRA_SPLIT:  # no fine labels: coarse polygons only
+                label_rel, label = f"gtCoarse/{split}/{city}/{stem}_gtCoarse_labelIds.png", coarse_polygons(label)
+            else:
+                label_rel = f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png"
             for rel, array in ((f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png",
-                                cv2.cvtColor(image, cv2.COLOR_RGB2BGR)),
-                               (f"gtFine/{split}/{city}/{stem}_gtFine_labelIds.png", label)):
+                                cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), (label_rel, label)):
                 ok, png = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
                 if not ok:
                     raise DataError(f"cannot encode generated image {rel}")
@@ -344,9 +407,13 @@ def _check_replaceable(root: str) -> dict[str, str]:
 
 
 def generate_synthetic_cityscapes(
-    root: str, num_train: int = 160, num_val: int = 24, height: int = 128, width: int = 256, seed: int = 0
+    root: str, num_train: int = 160, num_val: int = 24, height: int = 128, width: int = 256, seed: int = 0,
+    num_extra: int = 0,
 ) -> str:
     """Write the dataset at `root` unless a complete one with the same parameters is there; returns `root`.
+
+    `num_extra` > 0 adds the unlabelled train_extra split with coarse labels; with 0, data that has one is
+    served as it is (its train and val files are the same).
 
     A missing or empty `root` is filled. Generated data with other parameters is replaced: exactly the files of
     its manifest are removed. Any other content is never touched: a folder this function did not write, or
@@ -356,11 +423,13 @@ def generate_synthetic_cityscapes(
     if num_train < 1 or num_val < 1 or height < 16 or width < 16:
         raise DataError(f"synthetic dataset needs num_train, num_val >= 1 and height, width >= 16 "
                         f"(data.synthetic.*); got {num_train}, {num_val}, {height}, {width}")
-    params = _params(num_train, num_val, height, width, seed)
-    if read_marker(root) == params:
+    if num_extra < 0:
+        raise DataError(f"data.synthetic.num_extra must be >= 0 (0: no train_extra split), got {num_extra}")
+    params = _params(num_train, num_val, height, width, seed, num_extra)
+    if _matches(read_marker(root), params):
         return root
     with _lock(root):
-        if read_marker(root) == params:
+        if _matches(read_marker(root), params):
             return root
         if os.path.exists(root) and not os.path.isdir(root):
             raise DataError(f"{root} is a file, not a folder: set data.root to a new folder for the generated data")
@@ -374,9 +443,9 @@ def generate_synthetic_cityscapes(
         tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex}")
         os.mkdir(tmp)  # not mkdtemp: its 0700 would become the dataset folder's mode; this one follows the umask
         try:
-            log.info("generating synthetic Cityscapes-layout data at %s (%d train, %d val, %dx%d)", root,
-                     num_train, num_val, width, height)
-            written = _write(tmp, num_train, num_val, height, width, seed)
+            log.info("generating synthetic Cityscapes-layout data at %s (%d train, %d val, %d train_extra, %dx%d)",
+                     root, num_train, num_val, num_extra, width, height)
+            written = _write(tmp, num_train, num_val, height, width, seed, num_extra)
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(written, f, indent=0, sort_keys=True)
             with open(os.path.join(tmp, MARKER), "w") as f:

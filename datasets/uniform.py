@@ -4,12 +4,12 @@ Centroids: each mask is cut into non-overlapping tile x tile tiles (the configur
 smaller than a tile give none, as in the original). For every class present in a tile the point recorded is the
 mean position of its pixels, each coordinate truncated to an integer: the original's
 `int(scipy.ndimage.center_of_mass(patch == c))`, even where that point is not a pixel of the class (a ring, two
-blobs). With `snap` (data.centroid_snap) such a point moves to the nearest pixel of the class, so that a crop around
+blobs). With `snap` (data.class_uniform.snap) such a point moves to the nearest pixel of the class, so that a crop around
 it always shows the class. Centroids are computed in parallel processes and cached in a JSON file whose name carries
 a hash of the dataset, split, tile size, class count, centroid mode and every mask's path, size and modification
 time: any change gives a new file.
 
-Each epoch, with n main images and K classes (data.class_uniform_share):
+Each epoch, with n main images and K classes (data.class_uniform.share):
   all_classes (the original): per_class = int(n * pct / K) class-centred samples for each class that has
     centroids, and n - per_class * K random images; the epoch is shorter than n when a class has no centroids.
   present_classes: the same with K the number of classes that have centroids, so every epoch has n samples.
@@ -22,12 +22,13 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Sequence
 
 import numpy as np
+
+from utils.log import Progress
 
 
 log = logging.getLogger(__name__)
@@ -81,26 +82,6 @@ def _image_centroids(job: tuple[int, int, int, bool]) -> tuple[int, list[tuple[i
     return index, tile_centroids(_DATASET.centroid_mask(index), num_classes, tile, snap)
 
 
-class _Progress:
-    """A one-line progress bar on stderr (the centroid build takes minutes on Cityscapes)."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done, self.start, self.last = total, label, 0, time.time(), 0.0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last > 0.5 or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            bar = "#" * int(30 * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:.1f} img/s eta {eta:.0f}s")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def compute_centroids(
     dataset, indices: Sequence[int], num_classes: int, tile: int, workers: int = 0, progress: bool = True,
     snap: bool = False,
@@ -108,7 +89,7 @@ def compute_centroids(
     """{class: [[image index, x, y], ...]} over `indices` of `dataset` (which must offer centroid_mask(index))."""
     jobs = [(int(i), num_classes, tile, snap) for i in indices]
     result: dict[int, list[list[int]]] = {c: [] for c in range(num_classes)}
-    bar = _Progress(len(jobs), f"centroids (tile {tile})") if progress and jobs else None
+    bar = Progress(len(jobs), unit="images", label=f"centroids (tile {tile})") if progress and jobs else None
     workers = min(workers if workers > 0 else (os.cpu_count() or 1), max(len(jobs) // 8, 1))
     if workers <= 1:
         _init_worker(dataset)
@@ -120,11 +101,11 @@ def compute_centroids(
                                    initializer=_init_worker, initargs=(dataset,))
         pairs = pool.map(_image_centroids, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
     try:
-        for index, found in pairs:
+        for done, (index, found) in enumerate(pairs, 1):
             for c, x, y in found:
                 result[c].append([index, x, y])
             if bar:
-                bar.update()
+                bar.update(done, final=done == len(jobs))
     finally:
         if pool is not None:
             pool.shutdown()
@@ -202,7 +183,7 @@ class ClassUniform:
         if not 0 < pct <= 1:
             raise ValueError(f"class-uniform fraction must be in (0, 1], got {pct}")
         if share not in SHARES:
-            raise ValueError(f"data.class_uniform_share must be one of {', '.join(SHARES)}, got {share!r}")
+            raise ValueError(f"data.class_uniform.share must be one of {', '.join(SHARES)}, got {share!r}")
         self.num_classes, self.pct, self.num_main, self.share = num_classes, pct, num_main, share
         self.centroids = {c: np.asarray(centroids.get(c, []), np.int64).reshape(-1, 3) for c in range(num_classes)}
         empty = [c for c, rows in self.centroids.items() if not len(rows)]
@@ -213,7 +194,7 @@ class ClassUniform:
         if with_extra != without:
             only_extra = [c for c in range(num_classes) if len(self.centroids[c]) and not len(self.pool(c, False))]
             log.warning("class-uniform epochs have %d samples while the extra (coarse) images take part and %d "
-                        "after (class(es) %s have centroids in them only; data.class_uniform_share=present_classes "
+                        "after (class(es) %s have centroids in them only; data.class_uniform.share=present_classes "
                         "keeps %d)", with_extra, without, only_extra, num_main)
 
     def __repr__(self) -> str:

@@ -71,6 +71,7 @@ def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
 
 
 def _register_builtin() -> None:
+    from .attnscale import ExplicitDeepV3Plus, ExplicitOCRNet
     from .deeplab import DeepV3Plus, MscaleDeepV3Plus
     from .ocrnet import MscaleOCRNet, OCRNet
 
@@ -78,6 +79,14 @@ def _register_builtin() -> None:
     register_model("hmsa_deeplabv3plus", aliases={"mscale.DeepV3R50": {"trunk": "resnet50"}})(MscaleDeepV3Plus)
     register_model("ocrnet_hrnet_w48", aliases={"ocrnet.HRNet": {"trunk": "hrnet_w48"}})(OCRNet)
     register_model("hmsa_ocrnet_hrnet_w48", aliases={"ocrnet.HRNet_Mscale": {"trunk": "hrnet_w48"}})(MscaleOCRNet)
+    # explicit attention over a fixed scale set (Table 3's baseline); the aliases are the original's layouts,
+    # raw attention logits included
+    original = {"trunk": "resnet50", "attn_norm": "none"}
+    register_model("attnscale_deeplabv3plus", aliases={
+        "attnscale.DeepV3R50": {**original, "attn_head": "plain", "attn_ch": 512},
+        "attnscale.DeepV3R50B": {**original, "attn_head": "bn", "attn_ch": 256},
+    })(ExplicitDeepV3Plus)
+    register_model("attnscale_ocrnet_hrnet_w48")(ExplicitOCRNet)
 
 
 _register_builtin()

@@ -1,5 +1,5 @@
-"""Small building blocks shared by every model: norm factory, conv-bn-relu, heads, resize helpers, and the CPU
-SyncBatchNorm."""
+"""Small building blocks shared by every model: norm factory, conv-bn-relu, heads, resize helpers, the CPU
+SyncBatchNorm and the conversion of a built model to SyncBN."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from torch import nn
 
 
 def norm2d(channels: int, **kwargs) -> nn.Module:
-    """The one norm factory. SyncBN is obtained by converting the built model (utils.runtime.dist), not here."""
+    """The one norm factory. SyncBN is obtained by converting the built model (sync_batchnorm), not here."""
     return nn.BatchNorm2d(channels, **kwargs)
 
 
@@ -138,3 +138,28 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every nn.BatchNorm2d by nn.SyncBatchNorm (GPU) or CpuSyncBatchNorm (CPU), keeping its state.
+
+    Subclasses of BatchNorm (e.g. a norm fused with an activation) are refused rather than silently converted
+    into a plain SyncBatchNorm that would drop their extra behaviour.
+    """
+    def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+            if type(module) is not nn.BatchNorm2d:
+                raise ValueError(f"model.norm=syncbn: cannot convert {type(module).__name__} (only BatchNorm2d)")
+            cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            if module.affine:
+                new.weight.requires_grad_(module.weight.requires_grad)
+                new.bias.requires_grad_(module.bias.requires_grad)
+            new.train(module.training)
+            return new.to(module.weight.device if module.affine else device)
+        for name, child in module.named_children():
+            module.add_module(name, convert(child))
+        return module
+
+    return convert(model)

@@ -3,6 +3,7 @@
     python -m scripts.bench --out bench.json                   # CPU: narrow models at small sizes (minutes)
     python -m scripts.bench --device cuda --full --out gpu.json  # GPU: full models at the recipe sizes
     python -m scripts.bench --sections train opt --compile       # some sections; torch.compile rows too
+    python -m scripts.bench --against 004bb91 --width full --rounds 3  # the working tree against a revision
 
 Sections (each printed as a markdown table, all saved to --out as JSON):
   train   training step (forward, loss, backward, SGD step) of each multi-scale model and of its single-scale
@@ -21,12 +22,18 @@ between runs.
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:
+    import _by_path  # started by path: rerun as `python -m scripts.bench` (scripts/_by_path.py)
+    _by_path.rerun_as_module("scripts.bench")
+
 import argparse
 import copy
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +127,7 @@ class Setup:
     compile: bool
     peak_tflops: float | None
     recipe: Recipe = field(default_factory=Recipe)
+    threads: int = 1  # torch threads on a CPU (each --against process too)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -392,8 +400,7 @@ def bench_data(setup: Setup, train_rows: Sequence[dict[str, Any]], workdir: str)
     count = (setup.data_batches + 2) * setup.batch
     root = os.path.join(workdir, "synthetic_cityscapes")
     generate_synthetic_cityscapes(root, num_train=count, num_val=1, height=height, width=width, seed=0)
-    cfg = replace(
-        DataConfig(),
+    cfg = DataConfig.make(
         root=root,
         synthetic=SyntheticConfig(num_train=count, num_val=1, height=height, width=width),
         crop_size=tuple(setup.crop),
@@ -696,6 +703,138 @@ def _measured_memory(setup: Setup) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------- --against REV
+
+AGAINST_WORKLOADS = tuple((w, m) for w in ("eval", "train") for m in PAIRS)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class AgainstError(RuntimeError):
+    """A revision that cannot be checked out or whose driver run fails (message says which and why)."""
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AgainstError(f"git {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip()
+
+
+def _drive(tree: str, driver: str, args: list[str], threads: int) -> dict[str, Any]:
+    """One process of scripts/bench_driver.py with `tree`'s code (working directory and PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    done = subprocess.run([sys.executable, driver, *args, "--threads", str(threads)], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise AgainstError(f"the benchmark driver failed in {tree} ({' '.join(args[:3])}):\n{tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_against(setup: Setup, rev: str, calls: int, workdir: str) -> dict[str, Any]:
+    """The working tree against revision `rev` (checked out into a temporary git worktree, removed afterwards):
+    each workload in alternating processes, round by round (the order reversed every other round); per-round
+    ratios of the median times, and each revision's first-call errors against float64."""
+    sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}") if rev else ""
+    if not sha:
+        raise AgainstError(f"--against {rev!r}: not a commit of this repository (try a hash, a branch or HEAD~1)")
+    tree = tempfile.mkdtemp(prefix="hmsa_against_")
+    _git("worktree", "add", "--detach", tree, sha)
+    try:
+        driver = os.path.join(workdir, "bench_driver.py")  # outside both trees: its own folder shadows nothing
+        shutil.copy(os.path.join(ROOT, "scripts", "bench_driver.py"), driver)
+        trees = {"ours": ROOT, "theirs": tree}
+        common: dict[str, list[str]] = {}
+        for workload, name in AGAINST_WORKLOADS:
+            weights = os.path.join(workdir, f"{name}.pt")
+            opts = ["--model", name, "--options", json.dumps(model_options(setup.width, name)), "--weights", weights]
+            if not os.path.exists(weights):  # the same weights in both revisions
+                _drive(ROOT, driver, ["init", *opts], 1)
+            common[f"{workload} {name}"] = ["run", "--workload", workload, *opts, "--crop", *map(str, setup.crop),
+                                            "--batch", str(setup.batch), "--eval-size", *map(str, setup.eval_size)]
+        checks: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in common}
+        diffs: dict[str, float] = {}
+        for key, args in common.items():
+            preds = {}
+            for who, path in trees.items():
+                pred_file = os.path.join(workdir, f"{who}.pred.pt")
+                checks[key][who] = _drive(path, driver, [*args, "--check", pred_file], setup.threads)
+                preds[who] = torch.load(pred_file, weights_only=True).double()
+            diffs[key] = rel_err(preds["theirs"], preds["ours"])
+        load = [os.getloadavg()[0]]
+        times: dict[str, dict[str, list[list[float]]]] = {key: {who: [] for who in trees} for key in common}
+        info: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in common}
+        for r in range(setup.rounds):
+            for key, args in common.items():
+                for who in list(trees)[:: -1 if r % 2 else 1]:
+                    out = _drive(trees[who], driver, [*args, "--calls", str(calls)], setup.threads)
+                    times[key][who].append(out.pop("seconds"))
+                    info[key][who] = out
+            load.append(os.getloadavg()[0])
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
+        shutil.rmtree(tree, ignore_errors=True)
+        subprocess.run(["git", "-C", ROOT, "worktree", "prune"], capture_output=True)
+    rows = []
+    for key in common:
+        workload, name = key.split()
+        ours = [statistics.median(t) for t in times[key]["ours"]]
+        theirs = [statistics.median(t) for t in times[key]["theirs"]]
+        speedups = [b / a for a, b in zip(ours, theirs)]
+        c_ours, c_theirs = checks[key]["ours"], checks[key]["theirs"]
+        same = diffs[key] == 0.0 and c_ours.get("update_err") == c_theirs.get("update_err")
+        rows.append({
+            "workload": workload,
+            "model": name,
+            "size": list(setup.crop if workload == "train" else setup.eval_size),
+            "batch": setup.batch if workload == "train" else 1,
+            "ours_ms": med_ms([v for t in times[key]["ours"] for v in t]),
+            "theirs_ms": med_ms([v for t in times[key]["theirs"] for v in t]),
+            "speedup": statistics.median(speedups),
+            "speedup_min": min(speedups),
+            "speedup_max": max(speedups),
+            "round_speedups": speedups,
+            "ours_output_err": c_ours["output_err"],
+            "theirs_output_err": c_theirs["output_err"],
+            "ours_update_err": c_ours.get("update_err"),
+            "theirs_update_err": c_theirs.get("update_err"),
+            "pred_diff": diffs[key],
+            "outputs": verdict(c_ours["output_err"], c_theirs["output_err"], same, "fp32"),
+            "ours_settings": info[key]["ours"],
+            "theirs_settings": info[key]["theirs"],
+        })
+    return {"rev": rev, "commit": sha, "width": setup.width, "threads": setup.threads, "rounds": setup.rounds,
+            "calls": calls, "load_average": load, "rows": rows}
+
+
+def against_table(result: dict[str, Any]) -> str:
+    rev = result["rev"]
+    load = result["load_average"]
+    out = [f"### The working tree against {rev} ({result['commit'][:7]}): widths {result['width']}, "
+           f"{result['threads']} thread(s), {result['rounds']} rounds x {result['calls']} calls, "
+           f"load average {min(load):.1f}-{max(load):.1f}\n",
+           f"| workload | model | size × batch | ours ms | {rev} ms | speed-up (median of rounds) | min-max over rounds "
+           f"| outputs: error vs float64 (ours / {rev}) | update: error vs float64 (ours / {rev}) "
+           f"| prediction: ours vs {rev} | outputs | settings (ours / {rev}) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        def settings(s: dict[str, Any]) -> str:
+            key = "train_channels_last" if r["workload"] == "train" else "eval_channels_last"
+            text = "channels-last" if s.get(key) else "contiguous"
+            return text + (f", {s['optimizer']}" if "optimizer" in s else "")
+
+        upd = (f"{fmt(r['ours_update_err'], '.1e')} / {fmt(r['theirs_update_err'], '.1e')}"
+               if r["ours_update_err"] is not None else "-")
+        out.append(
+            f"| {r['workload']} | {r['model']} | {r['size'][0]}x{r['size'][1]} × {r['batch']} "
+            f"| {r['ours_ms']:.1f} | {r['theirs_ms']:.1f} | {r['speedup']:.3f}x "
+            f"| {r['speedup_min']:.3f}-{r['speedup_max']:.3f}x "
+            f"| {r['ours_output_err']:.1e} / {r['theirs_output_err']:.1e} | {upd} | {r['pred_diff']:.1e} "
+            f"| {r['outputs']} | {settings(r['ours_settings'])} / {settings(r['theirs_settings'])} |"
+        )
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------------------------- tables
 
 
@@ -839,20 +978,28 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Setup, argparse.Namespace]:
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", help="JSON file for every row and the machine description")
+    parser.add_argument("--against", metavar="REV",
+                        help="instead of the sections: the working tree against git revision REV, both models' "
+                             "evaluation and training step in alternating processes (crop 256x256, eval 256x512 "
+                             "unless given)")
+    parser.add_argument("--calls", type=int, default=2, help="--against: timed calls per process (after a warm-up)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.batch is not None and args.batch < 2:
         parser.error("--batch must be >= 2 (BatchNorm on the 1x1 image-pooling branch needs two values)")
-    if min(args.rounds, args.data_batches) < 1 or args.warmup < 0 or args.threads < 1:
-        parser.error("--rounds, --data-batches and --threads must be >= 1, --warmup >= 0")
+    if min(args.rounds, args.data_batches, args.calls) < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--rounds, --data-batches, --calls and --threads must be >= 1, --warmup >= 0")
+    if args.against is not None and device.type != "cpu":
+        parser.error("--against measures CPU time in subprocesses: use it with --device cpu")
+    against = args.against is not None
     setup = Setup(
         device=device,
         width=args.width or ("full" if args.full else "narrow"),
-        crop=args.crop or ((1024, 1024) if args.full else (128, 128)),
+        crop=args.crop or ((1024, 1024) if args.full else (256, 256) if against else (128, 128)),
         batch=args.batch or 2,
-        eval_size=args.eval_size or ((1024, 2048) if args.full else (128, 256)),
+        eval_size=args.eval_size or ((1024, 2048) if args.full else (256, 512) if against else (128, 256)),
         rounds=args.rounds,
         warmup=args.warmup,
         precision=args.precision,
@@ -860,6 +1007,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Setup, argparse.Namespace]:
         data_batches=args.data_batches,
         compile=args.compile,
         peak_tflops=args.peak_tflops,
+        threads=args.threads,
     )
     return setup, args
 
@@ -892,7 +1040,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"# {info['device']}; torch {info['torch']}, {info['threads']} thread(s); widths {setup.width}; "
           f"load average {info['load_average']:.1f}\n", flush=True)
     with tempfile.TemporaryDirectory(prefix="hmsa_bench_") as workdir:
-        results = run(setup, args.sections, workdir)
+        if args.against is not None:
+            try:
+                results = {"machine": info, "against": bench_against(setup, args.against, args.calls, workdir)}
+            except AgainstError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(against_table(results["against"]) + "\n", flush=True)
+        else:
+            results = run(setup, args.sections, workdir)
     results["setup"] = {**vars(setup), "device": str(setup.device), "recipe": asdict(setup.recipe)}
     results["command"] = " ".join(["python", "-m", "scripts.bench", *(argv if argv is not None else sys.argv[1:])])
     if args.out:

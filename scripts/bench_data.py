@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop", type=parse_crop, default=(1024, 1024), help="training crop H or H,W")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--pre-size", type=int, default=0, help="data.pre_size: long edge before the random scale")
-    p.add_argument("--no-gblur", action="store_true", help="data.gblur=false (the Cityscapes recipe)")
+    p.add_argument("--pre-size", type=int, default=0, help="data.augment.long_edge: long edge before the random scale")
+    p.add_argument("--no-gblur", action="store_true", help="data.augment.gaussian_blur=false (the Cityscapes recipe)")
     p.add_argument("--resample", choices=("both", "pil", "opencv"), default="both", help="data.resample to time")
     p.add_argument("--no-centroids", action="store_true", help="skip the centroid timing")
     p.add_argument("--step-time", type=float, default=0.0, help="seconds per GPU training step, to size the workers")
@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="bench_data_")
     modes = ("pil", "opencv") if args.resample == "both" else (args.resample,)
     results: dict = {"images": args.images, "size": [args.width, args.height], "crop": list(args.crop),
-                     "pre_size": args.pre_size, "gblur": not args.no_gblur}
+                     "long_edge": args.pre_size, "gaussian_blur": not args.no_gblur}
     try:
         t = time.perf_counter()
         write_dataset(root, args.images, args.height, args.width)
         print(f"wrote {args.images} scenes of {args.width}x{args.height} in {time.perf_counter() - t:.1f}s")
-        cfg = DataConfig(dataset="cityscapes", root=root, crop_size=args.crop, pre_size=args.pre_size,
-                         gblur=not args.no_gblur, color_aug=0.25)
-        datasets = {m: CityscapesDataset(root, "train", build_transforms(replace(cfg, resample=m), True, 255))
+        cfg = DataConfig.make(dataset="cityscapes", root=root, crop_size=args.crop, long_edge=args.pre_size,
+                         gaussian_blur=not args.no_gblur, color_jitter=0.25)
+        datasets = {m: CityscapesDataset(root, "train", build_transforms(cfg.updated(resample=m), True, 255))
                     for m in modes}
         ds = datasets[modes[0]]
         n = args.images * args.repeats

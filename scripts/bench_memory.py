@@ -1,128 +1,147 @@
-"""Peak memory of a piece of code, on any device, and estimates at sizes this machine cannot run.
+"""Peak memory: the planner's prediction against the measured peak (`python -m scripts.bench_memory`).
 
-- `PeakMemory(device)`: on CUDA, `torch.cuda.max_memory_allocated` minus what was allocated at entry (tensor bytes
-  as the caching allocator rounds them). Elsewhere, `LiveTensorBytes`: the most bytes of tensor storage alive at
-  once among the tensors created inside the block (no tracemalloc, no RSS: allocator caching and the process's
-  other memory do not blur it).
-- `estimate_peak(...)`: the same count for a model built and run on fake tensors (shapes and dtypes, no data), so
-  the recipe sizes (HRNet-OCR on a 2177-long-edge image at scale 2.0, a 1024x1024 training crop) can be checked
-  on a CPU in seconds. Autocast runs as CPU autocast: convolutions and matmuls in the low precision as on CUDA,
-  but CUDA also runs softmax in fp32, so the estimate is low by the two OCR softmax maps ([N, K, HW/16] each).
+The counting lives in utils/inference/memory.py (`LiveTensorBytes`, `PeakMemory`, `estimate_peak`,
+`tensor_bytes`, re-exported here for scripts/bench.py). This script prints a table of the planner's predicted
+peak of an evaluation call (every exact schedule) and of a training step next to the measured one:
+on a CUDA device `torch.cuda.max_memory_allocated`, elsewhere the dispatch-mode count of live tensor storage.
 
-What neither count sees: kernel scratch space (oneDNN/cuDNN workspaces), allocator fragmentation and the CUDA
-context (~0.5 GB). On a GPU, compare with `torch.cuda.max_memory_reserved` for the allocator's share.
+    python -m scripts.bench_memory                       # demo model, CPU (a minute)
+    python -m scripts.bench_memory --width full --size 256x512 --train-crop 256x256   # full-width HRNet-OCR
+    python -m scripts.bench_memory --device cuda --width full --size 1024x2048        # on a GPU
 """
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
+import argparse
+import json
+import time
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+import network
+from utils.config import load_config
+from utils.inference import Inference
+from utils.inference.memory import (
+    LiveTensorBytes,
+    PeakMemory,
+    TrainStep,
+    estimate_peak,
+    format_bytes,
+    plan_eval,
+    predict_train_peak,
+    tensor_bytes,
+)
+from utils.inference.multiscale import UNCONSTRAINED
+
+__all__ = ["LiveTensorBytes", "PeakMemory", "estimate_peak", "tensor_bytes", "main"]
+
+RECIPES = {"demo": "configs/demo/default.yaml", "full": "configs/cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048.yaml"}
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the storage of every tensor an op creates inside the context, until that storage is freed.
-
-    Views share their base's storage and in-place ops create none, so each allocation is counted once; the weak
-    reference callback fires when the storage itself (not one Python handle to it) is released.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, weakref.ref] = {}
-
-    def _add(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._refs:
-            return
-        nbytes = storage.nbytes()
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-
-        def release(_: weakref.ref, key: int = key, nbytes: int = nbytes) -> None:
-            self.live -= nbytes
-            self._refs.pop(key, None)
-
-        self._refs[key] = weakref.ref(storage, release)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._add(t)
-        return out
-
-    def __exit__(self, *exc: Any) -> None:
-        super().__exit__(*exc)
-        self._refs.clear()  # storages still alive are counted in `live`; stop watching them
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from None
+    return h, w
 
 
-class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then `m.peak`: bytes allocated at the peak of the block beyond what was
-    allocated at entry (CUDA: allocator counters; other devices: `LiveTensorBytes`)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._tracker: LiveTensorBytes | None = None
-        self._base = 0
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated above the allocation at entry"
-        return "peak bytes of live tensor storage created inside the call (dispatch-mode tracker)"
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._tracker = LiveTensorBytes().__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
-        else:
-            self._tracker.__exit__(*exc)
-            self.peak = self._tracker.peak
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--width", choices=sorted(RECIPES), default="demo", help="demo model or full-width HRNet-OCR")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=_size, default=(128, 256), help="evaluation image HxW")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--scales", default="0.5,1.0,2.0")
+    p.add_argument("--flip", action="store_true")
+    p.add_argument("--classes", type=int, default=19)
+    p.add_argument("--train-crop", type=_size, default=(128, 128))
+    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    return p.parse_args(argv)
 
 
-def tensor_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+def measure_eval(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, how: Inference,
+                 num_classes: int) -> tuple[int, float]:
+    """(measured peak bytes of one evaluate() call incl. weights, batch and labels; seconds)."""
+    from utils.engine import evaluate
+
+    device = images.device
+    static = tensor_bytes(model) + images.numel() * 4 + target.numel() * 8
+    loader = [{"image": images, "mask": target, "name": ["x"] * images.shape[0]}]
+    start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        evaluate(model, loader, num_classes, 255, how, device)
+    return static + mem.peak, time.perf_counter() - start
 
 
-def estimate_peak(
-    build: Callable[[], nn.Module],
-    inputs: Callable[[], tuple[torch.Tensor, ...]],
-    run: Callable[..., Any],
-    precision: str = "fp32",
-) -> dict[str, int]:
-    """Peak bytes of `run(model, *inputs)` at any size, counted on fake tensors.
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = load_config(RECIPES[args.width])
+    model = network.build_model(cfg.model.name, args.classes, **cfg.model.options).eval().to(device)
+    scales = [float(s) for s in args.scales.split(",")]
+    how = Inference.make(scales, flip=args.flip, precision=args.precision)
+    combo = how.combo(model)
+    shape = (args.batch, 3, *args.size)
+    images = torch.randn(shape, device=device)
+    target = torch.randint(0, args.classes, (args.batch, *args.size), device=device)
+    plan = plan_eval(model, shape, [combo], how, device, every=True)
+    rows: list[dict[str, Any]] = []
+    base_time = None
+    for row in plan.rows:
+        measured, seconds = measure_eval(model, images, target, Inference.make(
+            scales, flip=args.flip, precision=args.precision, schedule=row.schedule), args.classes)
+        base_time = seconds if row.schedule == UNCONSTRAINED else base_time
+        rows.append({"case": f"eval {'x'.join(map(str, shape))} {combo.label}", "schedule": row.schedule.label,
+                     "predicted": row.peak, "measured": measured, "error": row.peak / measured - 1,
+                     "time_ratio": seconds / base_time})
+    step = TrainStep(args.train_batch, args.train_crop, args.precision)
+    predicted = predict_train_peak(cfg, args.classes, step)
+    rows.append({"case": f"train step {step.label}", "schedule": "-", "predicted": predicted,
+                 "measured": measure_train(cfg, args.classes, step, device), "time_ratio": None})
+    rows[-1]["error"] = predicted / rows[-1]["measured"] - 1
+    how_measured = PeakMemory(device).method
+    print(f"model {cfg.model.name} ({args.width}), device {device}; measured: {how_measured}")
+    print("| case | schedule | predicted | measured | error | time vs unconstrained |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x"
+        print(f"| {r['case']} | {r['schedule']} | {format_bytes(r['predicted'])} | {format_bytes(r['measured'])} "
+              f"| {100 * r['error']:+.1f}% | {ratio} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": str(device), "width": args.width, "method": how_measured, "rows": rows}, f, indent=1)
+    return rows
 
-    Returns {'static': weights + buffers + inputs, 'peak': static + the peak of the run}: the figure to hold against
-    a GPU's memory (`torch.cuda.max_memory_allocated` of the same run, before allocator overheads).
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
+def measure_train(cfg: Any, num_classes: int, step: TrainStep, device: torch.device) -> int:
+    """Measured peak bytes of the second of two real training steps' span (weights, batch and state included)."""
+    from loss import build_criterion
+    from utils.inference.memory import _optimizer
     from utils.runtime.precision import autocast
 
-    with FakeTensorMode():
-        model = build()
-        args = inputs()
-        static = tensor_bytes(model) + sum(a.numel() * a.element_size() for a in args)
-        with autocast(precision, torch.device("cpu")), LiveTensorBytes() as tracker:
-            run(model, *args)
-    return {"static": static, "peak": static + tracker.peak}
+    torch.manual_seed(0)
+    model = network.build_model(cfg.model.name, num_classes, **cfg.model.options).train().to(device)
+    criterion = build_criterion(cfg.loss, num_classes, 255)
+    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    images = torch.randn(step.batch, 3, *step.crop, device=device)
+    target = torch.randint(0, num_classes, (step.batch, *step.crop), device=device)
+    precision = "bf16" if step.precision == "fp16" else step.precision
+    static = tensor_bytes(model) + images.numel() * 4 + target.numel() * 8
+    with PeakMemory(device) as mem:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(precision, device):
+                outputs = model(images)
+            total, _terms = criterion(outputs, target)
+            total.backward()
+            optimizer.step()
+            del outputs, total, _terms
+    return static + mem.peak
 
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"config error: {e}") from e
     weights = args.checkpoint or cfg.model.snapshot
     if not weights:
-        found = checkpoint_paths(os.path.join(cfg.train.output_dir, cfg.train.run_name))
+        found = checkpoint_paths(os.path.join(cfg.run.output_dir, cfg.run.name))
         if not found:
             raise SystemExit("no checkpoint: pass --checkpoint or model.snapshot=...")
         weights = found[0]

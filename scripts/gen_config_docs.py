@@ -8,7 +8,7 @@ utils/config.py. The comments are read from the source with `tokenize`, attached
   * a comment on the field's own line(s) (`name: int = 0  # ...`) describes that field;
   * a block of comment lines directly above a field (no blank line between) describes that field too, except
     above a class's first field, where it describes the whole section;
-  * allowed values come from `utils.config.CHOICES`, the factory options of `model.options` from the model
+  * allowed values come from the `Literal[...]` annotations (`utils.config.choices`), the factory options of `model.options` from the model
     registry (`network.model_options` and the factories' signatures).
 Defaults are the schema's own values (`Config()`), written as they would be in YAML or an override.
 """
@@ -22,6 +22,7 @@ import io
 import os
 import sys
 import tokenize
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,7 @@ edits single options: `model.options.trunk=resnet50`).
 
 ```bash
 python train.py --config configs/cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048.yaml train.lr=5e-3 data.batch_size=2
-python train.py model.options.trunk=resnet18 "eval.scales=[0.5,1.0,2.0]" data.crop_size=[256,256]
+python train.py model.options.trunk=resnet18 "eval.scales=[0.5,1.0,2.0]" data.augment.crop_size=[256,256]
 ```
 
 **Checks.** An unknown key fails with the closest valid one (`unknown config key 'train.lrr'; did you mean
@@ -64,20 +65,20 @@ python train.py model.options.trunk=resnet18 "eval.scales=[0.5,1.0,2.0]" data.cr
 the allowed values, and the checks across keys (e.g. every scale set contains 1.0) run when the config loads, in
 both entry points: each is one line `error: config error: ...` and exit code 2, before any work starts.
 
-**Where it goes.** The resolved config is written to `RUN/config.yaml` (`RUN` = `train.output_dir/train.run_name`)
+**Where it goes.** The resolved config is written to `RUN/config.yaml` (`RUN` = `run.output_dir/run.name`)
 and stored in every checkpoint; `python eval.py --config RUN/config.yaml` evaluates that run with its settings.
 """
 
 
 # What each top-level section holds (the Config fields carry no comments).
 SECTIONS = {
-    "data": "dataset name and root, splits, crop and augmentation, class-uniform sampling, coarse data, batch sizes, "
-            "workers",
+    "run": "what training and evaluation share: the run folder, precision, memory layout, collective timeout",
+    "data": "dataset name and root, splits, batch sizes, workers, resampling and validation sizes; sub-sections for "
+            "augmentation, class-uniform sampling, coarse/autolabelled data and custom-dataset paths",
     "model": "registry name, factory `options` (trunk, widths, `lo_scale`, `attn_bn_stats`), `norm`, ImageNet "
              "`pretrained` file, `snapshot`",
     "loss": "the criterion of each term (`main`, `aux`, per-scale) and their weights",
-    "train": "optimizer, poly schedule, iteration or epoch budget, intervals, precision, distributed settings, run "
-             "folder",
+    "train": "optimizer, poly schedule, iteration or epoch budget, intervals, gradient accumulation, compilation",
     "eval": "inference scales, fusion, flip, sliding window, scale-set sweep, pictures",
 }
 
@@ -93,12 +94,12 @@ FALLBACK = {
     "data.train_split": "split that training reads",
     "data.val_split": "split that validation and `eval.py` (without `--split`) read",
     "data.cv": "Cityscapes cross-validation split: 0-2 (0 = the official train/val), 3 = train+val for both",
-    "data.scale_min": "training: lower end of the random scale U(scale_min, scale_max)",
-    "data.scale_max": "training: upper end of the random scale",
-    "data.hflip": "training: random horizontal flip (probability 0.5)",
-    "data.color_aug": "training: colour jitter strength c in [0, 0.5] (brightness, contrast, saturation "
+    "data.augment.scale_min": "training: lower end of the random scale U(scale_min, scale_max)",
+    "data.augment.scale_max": "training: upper end of the random scale",
+    "data.augment.hflip": "training: random horizontal flip (probability 0.5)",
+    "data.augment.color_jitter": "training: colour jitter strength c in [0, 0.5] (brightness, contrast, saturation "
                       "U(max(0, 1 - c), 1 + c), hue U(-c, c)); 0: off",
-    "data.gblur": "training: Gaussian blur of every crop, sigma 0.15 + U(0, 1.15) pixels",
+    "data.augment.gaussian_blur": "training: Gaussian blur of every crop, sigma 0.15 + U(0, 1.15) pixels",
     "data.val_batch_size": "images per process in a validation or `eval.py` batch",
     "data.num_workers": "data-loader worker processes per process (also the processes of `data.verify`)",
     "model.name": "registered model or alias of the original's `--arch` name (table at the end of this page)",
@@ -112,8 +113,8 @@ FALLBACK = {
     "train.max_epoch": "epoch budget when max_iter is 0",
     "train.log_interval": "iterations between progress lines and logged scalars",
     "train.seed": "seed of every random stream (each epoch's order and augmentation come from (seed, epoch))",
-    "train.output_dir": "folder of the runs: a run lives in output_dir/run_name",
-    "train.run_name": "the run's folder name under output_dir",
+    "run.output_dir": "folder of the runs: a run lives in output_dir/name",
+    "run.name": "the run's folder name under output_dir",
     "eval.scales": "inference scales: distinct, positive, containing 1.0",
     "eval.flip": "also run the mirrored image and average the fused logits",
     "eval.sweep_fusions": "fusion rules of the scale-set sweep",
@@ -193,6 +194,22 @@ def code(text: str) -> str:
     return f"`{cell(text)}`" if text else ""
 
 
+def type_name(hint: Any) -> str:
+    """A field's type as the reference writes it: a Literal is its values' type (the values are listed as Allowed)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return type(typing.get_args(hint)[0]).__name__
+    if origin is tuple:
+        args = typing.get_args(hint)
+        inner = [a if a is Ellipsis else type_name(a) for a in args]
+        return "tuple[" + ", ".join("..." if a is Ellipsis else a for a in inner) + "]"
+    if origin is dict:
+        return "dict[" + ", ".join(type_name(a) for a in typing.get_args(hint)) + "]"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(hint))
+    return "Any" if hint is Any else getattr(hint, "__name__", str(hint))
+
+
 def field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -204,7 +221,7 @@ def field_default(f: dataclasses.Field) -> Any:
 def describe(doc: FieldDoc | None, key: str) -> str:
     parts = (doc.above + doc.inline) if doc else []
     text = " ".join(p for p in parts if p) or FALLBACK.get(key, "")
-    choices = config_module.CHOICES.get(key)
+    choices = config_module.choices(key)
     if choices:
         text = (text.rstrip(".") + ". " if text else "") + "Allowed: " + ", ".join(f"`{c}`" for c in choices) + "."
     return cell(text)
@@ -222,7 +239,7 @@ def section_rows(cls: type, prefix: str, docs: dict[str, ClassDoc]) -> tuple[lis
         if dataclasses.is_dataclass(hints[f.name]):
             subsections.append((key, hints[f.name]))
             continue
-        type_text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        type_text = type_name(hints[f.name])
         default = field_default(f)
         rows.append(f"| `{key}` | {code(type_text)} | {code(yaml_value(default))} "
                     f"| {describe(class_doc.fields.get(f.name), key)} |")
@@ -277,8 +294,19 @@ def render() -> str:
     out.append("")
     for f in dataclasses.fields(config_module.Config):
         out += render_section(hints[f.name], f.name, docs, 2)
+    out += aliases_section()
     out += model_options_section()
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+def aliases_section() -> list[str]:
+    """The old key names (the original's and earlier versions of this schema) that still work."""
+    out = ["## Old key names", "",
+           "These names still work in recipes, overrides and the configs stored in checkpoints; a recipe or an override "
+           "that uses one logs a warning naming the new key. Setting a key under both names is an error.", "",
+           "| old name | new name |", "| --- | --- |"]
+    out += [f"| `{old}` | `{new}` |" for old, new in config_module.ALIASES.items()]
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,11 +125,11 @@ def verify_splits(report: Report, args: argparse.Namespace) -> None:
     """Decode every sample of train (with the coarse data asked for) and val; each bad file is one problem."""
     coarse = {}
     if args.coarse or args.autolabel:
-        coarse = dict(coarse_boost_classes=tuple(range(19)), custom_coarse_prob=0.5 if args.autolabel else 0.0,
+        coarse = dict(boost_classes=tuple(range(19)), autolabel_threshold=0.5 if args.autolabel else 0.0,
                       autolabel_dir=os.path.abspath(args.autolabel) if args.autolabel else "autolabelled")
     for split, train in (("train", True), ("val", False)):
         try:
-            dataset = build_dataset(DataConfig(dataset="cityscapes", root=args.root, **coarse), split, train)
+            dataset = build_dataset(DataConfig.make(dataset="cityscapes", root=args.root, **coarse), split, train)
         except DataError as e:
             report.missing(f"{split}: cannot be read: {e}")
             continue

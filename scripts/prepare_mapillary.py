@@ -29,7 +29,7 @@ def verify_splits(root: str, workers: int) -> int:
     for split in ("train", "val"):
         name = SPLITS[split]
         try:
-            dataset = build_dataset(DataConfig(dataset="mapillary", root=root), split, train=False)
+            dataset = build_dataset(DataConfig.make(dataset="mapillary", root=root), split, train=False)
         except DataError as e:
             print(f"  MISSING  {name}: cannot be read: {e}")
             problems += 1

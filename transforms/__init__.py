@@ -71,8 +71,8 @@ class SegTransform:
 def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
     """The original's pipeline from a DataConfig.
 
-    Train: random scale + crop (+ pre_size), flip, [RandAugment], colour jitter, bilateral or Gaussian blur,
-    normalisation. Val: normalisation only, or a long-edge resize to `eval_size` (else `pre_size`) when set
+    Train: random scale + crop (+ augment.long_edge), flip, [RandAugment], colour jitter, bilateral or Gaussian blur,
+    normalisation. Val: normalisation only, or a long-edge resize to `eval_size` (else `augment.long_edge`) when set
     (Mapillary evaluates at long edge 2177); with `map_crop_val`, a resize of the height to that size and the
     original's CenterCropPad instead. `resample` picks Pillow's (the original's) or OpenCV's resizing,
     `crop_placement` the original's or our uniform crop placement, `photometric` the original's colour jitter
@@ -81,10 +81,10 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
     resample = cfg.resample
     if not train:
         joint = []
-        eval_size = cfg.eval_size or cfg.pre_size
+        eval_size = cfg.eval_size or cfg.augment.long_edge
         if cfg.map_crop_val:
             if eval_size <= 0:
-                raise ValueError("data.map_crop_val needs data.eval_size (or data.pre_size) > 0: the crop size")
+                raise ValueError("data.map_crop_val needs data.eval_size (or data.augment.long_edge) > 0: the crop size")
             if cfg.eval_native_labels:
                 raise ValueError("data.map_crop_val crops the labels too: it cannot be combined with "
                                  "data.eval_native_labels=true")
@@ -92,24 +92,26 @@ def build_transforms(cfg, train: bool, ignore_index: int) -> SegTransform:
         elif eval_size > 0:
             joint.append(ResizeLongEdge(eval_size, resize_mask=not cfg.eval_native_labels, resample=resample))
         return SegTransform(joint)
-    joint: list = [RandomScaleCrop(cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.pre_size, ignore_index,
-                                   resample=resample, placement=cfg.crop_placement)]
-    if cfg.hflip:
+    aug = cfg.augment
+    joint: list = [RandomScaleCrop(aug.crop_size, aug.scale_min, aug.scale_max, aug.long_edge, ignore_index,
+                                   resample=resample, placement=aug.crop_placement)]
+    if aug.hflip:
         joint.append(HorizontalFlip(0.5))
-    rand_augment = cfg.rand_augment
+    rand_augment = aug.rand_augment
     if rand_augment:
         from .randaugment import RandAugment
 
         if len(rand_augment) != 2:
-            raise ValueError(f"data.rand_augment must be [N, M] (ops per image, magnitude 0..30), got {rand_augment}")
+            raise ValueError(f"data.augment.rand_augment must be [N, M] (ops per image, magnitude 0..30), "
+                             f"got {rand_augment}")
 
         joint.append(RandAugment(rand_augment[0], rand_augment[1], ignore_index))
-    fast = cfg.photometric == "opencv"
+    fast = aug.photometric == "opencv"
     photometric: list = []
-    if cfg.color_aug > 0:
-        photometric.append((OpenCVColorJitter if fast else ColorJitter)(cfg.color_aug))
-    if cfg.bblur:
+    if aug.color_jitter > 0:
+        photometric.append((OpenCVColorJitter if fast else ColorJitter)(aug.color_jitter))
+    if aug.bilateral_blur:
         photometric.append(BilateralBlur())
-    elif cfg.gblur:
+    elif aug.gaussian_blur:
         photometric.append(OpenCVGaussianBlur() if fast else GaussianBlur())
     return SegTransform(joint, photometric)

@@ -67,7 +67,7 @@ class RandomScaleCrop:
     """Random scale s ~ U(scale_min, scale_max), resize to (int(w*s), int(h*s)) (image bicubic, mask nearest),
     then a crop_size (h, w) crop; an axis smaller than the crop is padded (image 0, mask ignore).
 
-    With `pre_size` > 0 the scale is multiplied by pre_size / long edge first. Only the source region under the
+    With `long_edge` > 0 the scale is multiplied by long_edge / (the image's long edge) first. Only the source region under the
     crop is resized; with resample="pil" the result is bit-identical to Pillow resizing the whole image.
 
     placement="original" (the original's RandomCrop): an axis smaller than the crop is padded by
@@ -83,7 +83,7 @@ class RandomScaleCrop:
         crop_size: tuple[int, int],
         scale_min: float = 0.5,
         scale_max: float = 2.0,
-        pre_size: int = 0,
+        long_edge: int = 0,
         ignore_index: int = 255,
         resample: str = "pil",
         placement: str = "original",
@@ -94,7 +94,7 @@ class RandomScaleCrop:
             raise ValueError(f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}")
         self.crop_h, self.crop_w = int(crop_size[0]), int(crop_size[1])
         self.scale_min, self.scale_max = float(scale_min), float(scale_max)
-        self.pre_size = int(pre_size)
+        self.long_edge = int(long_edge)
         self.ignore_index = _pad_value_mask(ignore_index)
         self.resample = _check_choice("resample", resample, RESAMPLE)
         self.placement = _check_choice("crop placement", placement, PLACEMENT)
@@ -102,7 +102,7 @@ class RandomScaleCrop:
     def __repr__(self) -> str:
         return (
             f"RandomScaleCrop(crop=({self.crop_h}, {self.crop_w}), scale=[{self.scale_min}, {self.scale_max}], "
-            f"pre_size={self.pre_size}, resample={self.resample}, placement={self.placement})"
+            f"long_edge={self.long_edge}, resample={self.resample}, placement={self.placement})"
         )
 
     @staticmethod
@@ -130,8 +130,8 @@ class RandomScaleCrop:
     def __call__(self, image, mask, rng, centroid=None):
         h, w = image.shape[:2]
         s = rng.uniform(self.scale_min, self.scale_max)
-        if self.pre_size > 0:
-            s *= self.pre_size / max(h, w)
+        if self.long_edge > 0:
+            s *= self.long_edge / max(h, w)
         sw, sh = max(int(w * s), 1), max(int(h * s), 1)
         if self.placement == "original":
             cx = cy = None
@@ -184,7 +184,7 @@ class HorizontalFlip:
 
 
 class ResizeLongEdge:
-    """Deterministic resize so that the long edge is `size` (bilinear image, nearest mask); evaluation pre_size.
+    """Deterministic resize so that the long edge is `size` (bilinear image, nearest mask); the evaluation size.
 
     As the original's Scale: the other side becomes int(side * size / long edge) (3000x4000 -> 1632x2177), and an
     image whose long edge already is `size` is left untouched.

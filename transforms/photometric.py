@@ -2,7 +2,7 @@
 
 ColorJitter and GaussianBlur compute what the original computed (Pillow's ImageEnhance and HSV conversion, and
 skimage's gaussian through scipy); OpenCVColorJitter and OpenCVGaussianBlur are faster approximations
-(data.photometric=opencv).
+(data.augment.photometric=opencv).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 def _check_strength(strength: float) -> float:
     if not 0 <= strength <= 0.5:
-        raise ValueError(f"data.color_aug: the colour jitter strength must be in [0, 0.5] (hue shifts beyond half a "
+        raise ValueError(f"data.augment.color_jitter: the colour jitter strength must be in [0, 0.5] (hue shifts beyond half a "
                          f"turn are undefined), got {strength}")
     return float(strength)
 
@@ -121,7 +121,7 @@ class GaussianBlur:
 
 
 class OpenCVColorJitter:
-    """A faster colour jitter (data.photometric=opencv), roughly 7x cheaper than ColorJitter: the same factor
+    """A faster colour jitter (data.augment.photometric=opencv), roughly 7x cheaper than ColorJitter: the same factor
     distributions and random order, computed on uint8 arrays with OpenCV. Brightness, contrast and saturation
     differ from the original's by at most one level: blends are rounded (Pillow truncates, so each original op
     is about 0.4 of a level darker on average), the contrast mean is not rounded and grey is OpenCV's luma. Hue
@@ -165,7 +165,7 @@ class OpenCVColorJitter:
 
 
 class OpenCVGaussianBlur:
-    """A faster Gaussian blur (data.photometric=opencv), roughly 30x cheaper than GaussianBlur: sigma ~
+    """A faster Gaussian blur (data.augment.photometric=opencv), roughly 30x cheaper than GaussianBlur: sigma ~
     U(sigma_min, sigma_max) with cv2.GaussianBlur on uint8, which rounds instead of truncating (the original is
     half a level darker on average; pixels differ by at most 2 levels), reflects at the borders
     (BORDER_REFLECT_101) instead of repeating the edge pixel and cuts the kernel at about 3 sigma."""

@@ -221,7 +221,7 @@ def latest_checkpoint(run_dir: str) -> Latest | None:
     if skipped:
         listing = "; ".join(f"{p}: {why}" for p, why in skipped)
         raise CheckpointError(f"none of the {len(skipped)} checkpoint(s) in {run_dir} reads back ({listing}); "
-                              "restore a good file, or start a new run with another train.run_name")
+                              "restore a good file, or start a new run with another run.name")
     return None
 
 

@@ -102,7 +102,7 @@ def load_and_start(args: Any) -> tuple[Config, DistInfo]:
     except ConfigError as e:
         raise CliError(f"config error: {e}") from e
     try:
-        dist = init_distributed(timeout=cfg.train.dist_timeout, local_rank=args.local_rank)
+        dist = init_distributed(timeout=cfg.run.dist_timeout, local_rank=args.local_rank)
     except (DistConfigError, DistributedError) as e:
         raise CliError(f"distributed set-up failed: {e}") from e
     return cfg, dist

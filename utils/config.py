@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+Criterion = Literal["ce", "bce", "rmi", "wce"]
+Fusion = Literal["attention", "average", "max"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +33,57 @@ class SyntheticConfig:
     height: int = 128
     width: int = 256
     seed: int = 0
+    num_extra: int = 0  # unlabelled train_extra images with coarse polygon labels (gtCoarse); 0: none
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    # Training crops: random scale, crop, flip and the image-only (photometric) transforms.
+    crop_size: tuple[int, int] = (128, 128)  # (height, width)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    long_edge: int = 0  # the random scale is relative to this long edge (0: the image's own size)
+    hflip: bool = True
+    color_jitter: float = 0.25
+    gaussian_blur: bool = True
+    bilateral_blur: bool = False  # takes precedence over gaussian_blur
+    rand_augment: tuple[int, ...] = ()  # (N, M): N RandAugment ops of magnitude M/30 on image+mask; () off
+    crop_placement: Literal["original", "uniform"] = "original"  # original: small images centred, clipped crops
+    photometric: Literal["original", "opencv"] = "original"  # jitter + blur: original (Pillow/skimage) | opencv
+
+
+@dataclass(frozen=True)
+class ClassUniformConfig:
+    pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
+    tile: int = 1024  # centroid tile size (pixels)
+    # all_classes: int(n * pct / K) class-centred samples per class, an epoch shorter than n when a class has no
+    # centroids (the original). present_classes: K = the classes that have centroids, every epoch n samples.
+    share: Literal["all_classes", "present_classes"] = "all_classes"
+    snap: bool = False  # move a centroid that is not a pixel of its class (ring) to the nearest one
+    cache_dir: str = ""  # centroid cache folder ('': $XDG_CACHE_HOME/hmsa/centroids)
+
+
+@dataclass(frozen=True)
+class CoarseConfig:
+    # Cityscapes coarse (train_extra) data and its autolabels.
+    boost_classes: tuple[int, ...] = ()  # train ids whose coarse data is added (class-uniform crops)
+    autolabel_threshold: float = 0.0  # > 0: autolabelled masks instead of gtCoarse; lower-probability pixels ignored
+    dropout_classes: tuple[int, ...] = ()  # train ids whose human gtCoarse pixels join the autolabels
+    mask_out: bool = False  # autolabels: the Cityscapes ego-vehicle and border regions become ignore
+    autolabel_dir: str = "autolabelled"  # autolabel folder (relative to root unless absolute)
+    # original: human dropout-class pixels unioned in, then the threshold (which can drop them); centroids from
+    # the raw autolabel. threshold_first: threshold, then the human pixels on top; centroids from that mask.
+    order: Literal["original", "threshold_first"] = "original"
+    last_epoch: int = 150  # coarse data is used in epochs below this one only
+
+
+@dataclass(frozen=True)
+class CustomConfig:
+    # Folder and custom datasets.
+    classes: str = ""  # class-list YAML (or a Mapillary config.json); '' with folder: the Cityscapes classes
+    image_dir: str = "images/{split}"  # custom dataset: image folder under root ({split} is replaced)
+    mask_dir: str = "masks/{split}"  # custom dataset: mask folder under root
+    mask_suffix: str = ".png"  # custom dataset: mask file = image stem + this
 
 
 @dataclass(frozen=True)
@@ -39,46 +94,39 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     cv: int = 0
-    crop_size: tuple[int, int] = (128, 128)  # (height, width)
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    pre_size: int = 0  # long edge resized to this before random scaling (0: off)
-    hflip: bool = True
-    color_aug: float = 0.25
-    gblur: bool = True
-    bblur: bool = False  # bilateral blur (takes precedence over gblur)
-    rand_augment: tuple[int, ...] = ()  # (N, M): N RandAugment ops of magnitude M/30 on image+mask; () off
-    eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0: pre_size, or native size if 0 too
-    eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
-    map_crop_val: bool = False  # val: resize the height to eval_size (bicubic), then the original's CenterCropPad
-    resample: str = "pil"  # pil: Pillow's resize values (antialiased), as the original | opencv: faster, aliased
-    crop_placement: str = "original"  # original: small images centred, clipped centroid crops | uniform
-    photometric: str = "original"  # colour jitter + Gaussian blur: original (Pillow/skimage values) | opencv: faster
-    skip_bad: bool = False  # log and skip unreadable samples instead of stopping
-    verify: bool = False  # decode every image and mask of each split before work starts (parallel, num_workers)
-    class_uniform_pct: float = 0.0  # fraction of each epoch's samples cropped around class centroids (0: off)
-    class_uniform_tile: int = 1024  # centroid tile size (pixels)
-    # all_classes: int(n * pct / K) class-centred samples per class, an epoch shorter than n when a class has no
-    # centroids (the original). present_classes: K = the classes that have centroids, every epoch n samples.
-    class_uniform_share: str = "all_classes"
-    centroid_snap: bool = False  # move a centroid that is not a pixel of its class (ring) to the nearest one
-    centroid_dir: str = ""  # centroid cache folder ('': $XDG_CACHE_HOME/hmsa/centroids)
-    coarse_boost_classes: tuple[int, ...] = ()  # Cityscapes train ids whose coarse (train_extra) data is added
-    custom_coarse_prob: float = 0.0  # > 0: autolabelled masks instead of gtCoarse; lower-probability pixels ignored
-    custom_coarse_dropout_classes: tuple[int, ...] = ()  # train ids whose human gtCoarse pixels join the autolabels
-    mask_out_cityscapes: bool = False  # autolabels: the ego-vehicle and border regions become ignore
-    autolabel_dir: str = "autolabelled"  # autolabel folder (relative to root unless absolute)
-    # original: human dropout-class pixels unioned in, then the threshold (which can drop them); centroids from
-    # the raw autolabel. threshold_first: threshold, then the human pixels on top; centroids from that mask.
-    autolabel_order: str = "original"
-    max_cu_epoch: int = 150  # coarse data is used in epochs below this one only
-    classes: str = ""  # folder/custom datasets: class-list YAML ('' with folder: the Cityscapes classes)
-    image_dir: str = "images/{split}"  # custom dataset: image folder under root ({split} is replaced)
-    mask_dir: str = "masks/{split}"  # custom dataset: mask folder under root
-    mask_suffix: str = ".png"  # custom dataset: mask file = image stem + this
     batch_size: int = 8  # per process
     val_batch_size: int = 4
     num_workers: int = 2
+    # pil: Pillow's resize values (antialiased), as the original | opencv: faster, aliased
+    resample: Literal["pil", "opencv"] = "pil"
+    eval_size: int = 0  # val: long edge resized to this (Mapillary 2177); 0: augment.long_edge, or native if 0 too
+    eval_native_labels: bool = False  # with eval_size: keep masks at native size (predictions resized back)
+    map_crop_val: bool = False  # val: resize the height to eval_size (bicubic), then the original's CenterCropPad
+    skip_bad: bool = False  # log and skip unreadable samples instead of stopping
+    verify: bool = False  # decode every image and mask of each split before work starts (parallel, num_workers)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    class_uniform: ClassUniformConfig = field(default_factory=ClassUniformConfig)
+    coarse: CoarseConfig = field(default_factory=CoarseConfig)
+    custom: CustomConfig = field(default_factory=CustomConfig)
+
+    @classmethod
+    def make(cls, **fields: Any) -> "DataConfig":
+        """The flat keyword form for code and tests: a sub-section's field by its own name (crop_size=, pct=)."""
+        return DataConfig().updated(**fields)
+
+    def updated(self, **fields: Any) -> "DataConfig":
+        """A copy with `fields` changed; a sub-section's field by its own name (the names are unique)."""
+        top = {f.name for f in dataclasses.fields(self)}
+        changes = {}
+        for name, value in fields.items():
+            owner = [s for s in _DATA_SECTIONS if name in {f.name for f in dataclasses.fields(getattr(self, s))}]
+            if name not in top and not owner:
+                raise TypeError(f"DataConfig has no field {name!r}")
+            changes[name if name in top else f"{owner[0]}.{name}"] = value
+        return replaced(self, changes)
+
+
+_DATA_SECTIONS = ("augment", "class_uniform", "coarse", "custom")
 
 
 @dataclass(frozen=True)
@@ -94,7 +142,7 @@ class ModelConfig:
             "attn_ch": 64,
         }
     )
-    norm: str = "bn"  # bn | syncbn (syncbn is converted when the world has more than one process)
+    norm: Literal["bn", "syncbn"] = "bn"  # (syncbn is converted when the world has more than one process)
     pretrained: str = ""  # ImageNet trunk weights file ('' keeps the random initialisation)
     snapshot: str = ""  # full-model weights loaded before training or evaluation (ours or the original's)
 
@@ -103,22 +151,22 @@ class ModelConfig:
 class LossConfig:
     # Each term's function: ce (softmax CE) | bce (sigmoid BCE) | rmi (0.5·BCE + 0.5·RMI) | wce (per-image
     # class-weighted CE). The original's --rmi_loss recipe is main=rmi, aux=bce, scale=bce.
-    main: str = "ce"  # criterion of the fused prediction
-    aux: str = "ce"  # criterion of the auxiliary output (models that have one)
+    main: Criterion = "ce"  # criterion of the fused prediction
+    aux: Criterion = "ce"  # criterion of the auxiliary output (models that have one)
     aux_weight: float = 0.4
-    scale: str = "ce"  # criterion of each scale's own prediction (pred_{s}x, upsampled to the label size)
+    scale: Criterion = "ce"  # criterion of each scale's own prediction (pred_{s}x, upsampled to the label size)
     scale_weight: float = 0.0
     wce_upper_bound: float = 1.0  # wce class weight: (class present)·bound·(1 − frequency) + 1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_exp: float = 1.0
-    lr_step: str = "iter"  # iter: poly stepped per iteration | epoch: the original's per-epoch step
+    lr_step: Literal["iter", "epoch"] = "iter"  # iter: poly stepped per iteration | epoch: the original's per-epoch step
     max_iter: int = 500  # > 0: iteration budget; 0: use max_epoch
     max_epoch: int = 0
     log_interval: int = 10
@@ -126,34 +174,42 @@ class TrainConfig:
     val_interval: int = 0  # iterations between validations (0: only at the end)
     val_epochs: int = 0  # validate after every this many epochs (the original: 1); 0: off
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation); global batch = batch·this·GPUs
     compile: bool = False  # torch.compile the training model (first steps are slower: compilation)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Shared by training and evaluation: where the run lives, and how the model runs.
+    output_dir: str = "runs"  # a run lives in output_dir/name
+    name: str = "demo"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False  # NHWC memory layout for model and images (faster convolutions on tensor cores)
     dist_timeout: int = 600  # seconds a collective (or the start-up rendezvous) may wait before the run stops
-    output_dir: str = "runs"
-    run_name: str = "demo"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     scales: tuple[float, ...] = (0.5, 1.0, 2.0)
     flip: bool = False
-    fusion: str = "attention"  # attention (hierarchical) | average | max of the per-scale logits
+    fusion: Fusion = "attention"  # attention (hierarchical) | average | max of the per-scale logits
     window: tuple[int, ...] = ()  # (height, width): sliding-window inference at every scale; () whole images
     overlap: float = 0.25  # minimum overlap of neighbouring sliding windows, as a fraction of the window
     # Scale-set sweep in one pass: every set x sweep_fusions x sweep_flips; () evaluates eval.scales only.
     scale_sets: tuple[tuple[float, ...], ...] = ()
-    sweep_fusions: tuple[str, ...] = ("attention", "average", "max")
+    sweep_fusions: tuple[Fusion, ...] = ("attention", "average", "max")
     sweep_flips: tuple[bool, ...] = (False, True)
     num_dump: int = 8  # N of the dump selection
-    dump: str = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
+    dump: Literal["none", "first", "all", "every", "worst"] = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
     dump_dir: str = "eval"  # training's final evaluation; relative to the run folder (or absolute)
     video_attention: bool = False  # video mode: attention heat maps side by side with the overlay
+    memory_budget: int | str = ""  # bytes, or a size like "12GiB": plan evaluation to fit; "": CUDA free memory, no limit on a CPU
+    memory_fallback: Literal["exact", "any"] = "exact"  # schedules over the budget may be: exact only | also approximate (windows, half precision)
 
 
 @dataclass(frozen=True)
 class Config:
+    run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -161,22 +217,67 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.norm": ("bn", "syncbn"),
-    "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.lr_step": ("iter", "epoch"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "eval.fusion": ("attention", "average", "max"),
-    "eval.dump": ("none", "first", "all", "every", "worst"),
-    "loss.main": ("ce", "bce", "rmi", "wce"),
-    "loss.aux": ("ce", "bce", "rmi", "wce"),
-    "loss.scale": ("ce", "bce", "rmi", "wce"),
-    "data.resample": ("pil", "opencv"),
-    "data.crop_placement": ("original", "uniform"),
-    "data.photometric": ("original", "opencv"),
-    "data.autolabel_order": ("original", "threshold_first"),
-    "data.class_uniform_share": ("all_classes", "present_classes"),
+# Old key names (the original's, and earlier versions of this schema) -> their place now. Recipes, overrides and
+# the configs stored in checkpoints are read through this table; an old name in a recipe or override warns.
+ALIASES: dict[str, str] = {
+    "train.precision": "run.precision",
+    "train.channels_last": "run.channels_last",
+    "train.output_dir": "run.output_dir",
+    "train.run_name": "run.name",
+    "train.dist_timeout": "run.dist_timeout",
+    **{f"data.{k}": f"data.augment.{k}"
+       for k in ("crop_size", "scale_min", "scale_max", "hflip", "rand_augment", "crop_placement", "photometric")},
+    "data.pre_size": "data.augment.long_edge",
+    "data.color_aug": "data.augment.color_jitter",
+    "data.gblur": "data.augment.gaussian_blur",
+    "data.bblur": "data.augment.bilateral_blur",
+    "data.class_uniform_pct": "data.class_uniform.pct",
+    "data.class_uniform_tile": "data.class_uniform.tile",
+    "data.class_uniform_share": "data.class_uniform.share",
+    "data.centroid_snap": "data.class_uniform.snap",
+    "data.centroid_dir": "data.class_uniform.cache_dir",
+    "data.coarse_boost_classes": "data.coarse.boost_classes",
+    "data.custom_coarse_prob": "data.coarse.autolabel_threshold",
+    "data.custom_coarse_dropout_classes": "data.coarse.dropout_classes",
+    "data.mask_out_cityscapes": "data.coarse.mask_out",
+    "data.autolabel_dir": "data.coarse.autolabel_dir",
+    "data.autolabel_order": "data.coarse.order",
+    "data.max_cu_epoch": "data.coarse.last_epoch",
+    **{f"data.{k}": f"data.custom.{k}" for k in ("classes", "image_dir", "mask_dir", "mask_suffix")},
 }
+
+_log = logging.getLogger(__name__)
+
+
+def _rename_aliases(values: dict[str, Any], source: str, warn: bool = True) -> dict[str, Any]:
+    """`values` (a nested dict) with every old key moved to its new place; a key set under both names is an error."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for old, new in ALIASES.items():
+        section, name = old.split(".")
+        if not isinstance(out.get(section), dict) or name not in out[section]:
+            continue
+        value = out[section].pop(name)
+        parts = new.split(".")
+        node = out
+        for p in parts[:-1]:
+            node[p] = dict(node[p]) if isinstance(node.get(p), dict) else {}
+            node = node[p]
+        if parts[-1] in node:
+            raise ConfigError(f"{source}: '{old}' and '{new}' are the same key (the old and the new name); keep '{new}'")
+        node[parts[-1]] = value
+        if warn:
+            _log.warning("%s: config key '%s' is now '%s' (the old name still works)", source, old, new)
+    return out
+
+
+def choices(key: str) -> tuple[Any, ...]:
+    """The allowed values of a dotted key whose annotation is a Literal (or a tuple of one); () for any other."""
+    tp: Any = Config
+    for name in key.split("."):
+        tp = typing.get_type_hints(tp)[name]
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -195,6 +296,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _build(tp, value, key)
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and isinstance(value, type(choices[0])):
+            return value
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -250,8 +356,6 @@ def _build(cls: type, values: dict[str, Any], key: str = "") -> Any:
             raise _unknown_key(key, str(name), names)
         sub = f"{key}.{name}" if key else name
         kwargs[name] = _coerce(value, hints[name], sub)
-        if sub in CHOICES and kwargs[name] not in CHOICES[sub]:
-            raise ConfigError(f"{sub}: expected one of {list(CHOICES[sub])}, got {kwargs[name]!r}")
     return cls(**kwargs)
 
 
@@ -270,10 +374,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("set train.max_iter or train.max_epoch to a positive number")
     if cfg.train.accum_steps < 1:
         raise ConfigError(f"train.accum_steps must be at least 1, got {cfg.train.accum_steps}")
-    if cfg.train.dist_timeout <= 0:
-        raise ConfigError(f"train.dist_timeout must be a positive number of seconds, got {cfg.train.dist_timeout}")
-    if any(c <= 0 for c in cfg.data.crop_size):
-        raise ConfigError(f"data.crop_size: must be positive, got {list(cfg.data.crop_size)}")
+    if cfg.run.dist_timeout <= 0:
+        raise ConfigError(f"run.dist_timeout must be a positive number of seconds, got {cfg.run.dist_timeout}")
+    if any(c <= 0 for c in cfg.data.augment.crop_size):
+        raise ConfigError(f"data.augment.crop_size: must be positive, got {list(cfg.data.augment.crop_size)}")
     for key, low, rule in (("train.ckpt_interval", 1, "at least 1"), ("train.log_interval", 1, "at least 1"),
                            ("data.batch_size", 1, "at least 1"), ("data.val_batch_size", 1, "at least 1"),
                            ("train.val_interval", 0, ">= 0 (0: off)"), ("train.val_epochs", 0, ">= 0 (0: off)"),
@@ -282,8 +386,30 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value < low:
             raise ConfigError(f"{key} must be {rule}, got {value}")
+    _validate_data(cfg.data)
     _validate_eval(cfg.eval)
+    fixed = cfg.model.options.get("scales")  # explicit attention (network/attnscale.py): one channel per scale
+    if isinstance(fixed, (list, tuple)) and sorted(float(s) for s in fixed) != sorted(cfg.eval.scales):
+        raise ConfigError(f"eval.scales {list(cfg.eval.scales)} differs from model.options.scales {list(fixed)}: "
+                          f"a model with a fixed scale set is evaluated at that set; set eval.scales={list(fixed)}")
     return cfg
+
+
+def _validate_data(d: DataConfig) -> None:
+    """The data settings that depend on each other (a transform checks its own value ranges when it is built)."""
+    if d.map_crop_val and not (d.eval_size or d.augment.long_edge) > 0:
+        raise ConfigError("data.map_crop_val needs data.eval_size (or data.augment.long_edge) > 0: the crop size")
+    if d.map_crop_val and d.eval_native_labels:
+        raise ConfigError("data.map_crop_val crops the labels too: it cannot be combined with data.eval_native_labels")
+    ra = d.augment.rand_augment
+    if ra and (len(ra) != 2 or ra[0] < 1 or not 0 <= ra[1] <= 30):
+        raise ConfigError(f"data.augment.rand_augment must be [] or [N, M] (N >= 1 ops, magnitude M in 0..30), "
+                          f"got {list(ra)}")
+    if not 0 <= d.class_uniform.pct <= 1:
+        raise ConfigError(f"data.class_uniform.pct must be in [0, 1], got {d.class_uniform.pct}")
+    if not 0 <= d.coarse.autolabel_threshold < 1:
+        raise ConfigError(f"data.coarse.autolabel_threshold must be in [0, 1) (0: human gtCoarse labels), "
+                          f"got {d.coarse.autolabel_threshold}")
 
 
 def _validate_eval(e: EvalConfig) -> None:
@@ -293,10 +419,7 @@ def _validate_eval(e: EvalConfig) -> None:
         if len(set(scales)) != len(scales):
             raise ConfigError(f"{key}: scales must be distinct, got {list(scales)}")
     if not e.sweep_fusions:
-        raise ConfigError(f"eval.sweep_fusions must not be empty (values among {list(CHOICES['eval.fusion'])})")
-    bad = [r for r in e.sweep_fusions if r not in CHOICES["eval.fusion"]]
-    if bad:
-        raise ConfigError(f"eval.sweep_fusions: expected values among {list(CHOICES['eval.fusion'])}, got {bad}")
+        raise ConfigError(f"eval.sweep_fusions must not be empty (values among {list(typing.get_args(Fusion))})")
     if e.scale_sets and not e.sweep_flips:
         raise ConfigError("eval.sweep_flips must not be empty (use [false], [true] or [false, true])")
     if e.window and (len(e.window) != 2 or any(w <= 0 for w in e.window)):
@@ -307,6 +430,12 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ConfigError(f"eval.num_dump must be >= 0, got {e.num_dump}")
     if e.dump == "every" and e.num_dump == 0:
         raise ConfigError("eval.dump=every needs eval.num_dump >= 1 (the step between dumped images)")
+    try:
+        from utils.inference.memory import parse_bytes  # here: utils.inference imports the network at load
+
+        parse_bytes(e.memory_budget)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -320,13 +449,30 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def replaced(obj: Any, changes: dict[str, Any]) -> Any:
+    """`dataclasses.replace` through dotted paths: replaced(data_cfg, {"augment.crop_size": (64, 64), "root": r})."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = replaced(getattr(obj, head), sub)
+    return dataclasses.replace(obj, **direct)
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """Build a Config from a (possibly partial) nested dict; missing keys take the schema defaults."""
-    return validate(_build(Config, _merge(to_dict(Config()), values)))
+    """Build a Config from a (possibly partial) nested dict; missing keys take the schema defaults.
+
+    Old key names (`ALIASES`, e.g. in a checkpoint written by an earlier version) are read at their new place."""
+    return validate(_build(Config, _merge(to_dict(Config()), _rename_aliases(values, "config", warn=False))))
 
 
 # ----------------------------------------------------------------------------------------------- merging
@@ -359,13 +505,14 @@ def load_yaml_values(path: str) -> dict[str, Any]:
     """Values of a recipe, with its `base:` (one level, relative to the recipe) merged underneath."""
     data = _read_yaml(path)
     base = data.pop("base", None)
+    data = _rename_aliases(data, path)
     if base is None:
         return data
     base_path = os.path.join(os.path.dirname(path), base)
     parent = _read_yaml(base_path)
     if "base" in parent:
         raise ConfigError(f"{base_path}: only one level of 'base:' is allowed (it names {parent['base']!r})")
-    return _merge(parent, data)
+    return _merge(_rename_aliases(parent, base_path), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -401,6 +548,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     values = _merge(to_dict(Config()), load_yaml_values(path) if path else {})
     for text in overrides:
         parts, value = parse_override(text)
+        old = ".".join(parts[:2])
+        if old in ALIASES:
+            _log.warning("override %s: config key '%s' is now '%s' (the old name still works)", text, old, ALIASES[old])
+            parts = ALIASES[old].split(".") + parts[2:]
         _set_path(values, parts, value)
     return validate(_build(Config, values))
 
@@ -421,6 +572,6 @@ def diff_configs(a: Config | dict[str, Any], b: Config) -> list[str]:
         elif x != y:
             out.append(f"{key}: {x!r} -> {y!r}")
 
-    saved = _merge(to_dict(Config()), a) if isinstance(a, dict) else to_dict(a)
+    saved = _merge(to_dict(Config()), _rename_aliases(a, "checkpoint", warn=False)) if isinstance(a, dict) else to_dict(a)
     walk(saved, to_dict(b), "")
     return out

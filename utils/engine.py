@@ -15,7 +15,7 @@ from network.layers import resize
 
 from .runtime.dist import all_reduce_sum, no_sync
 from .evaluation.dumps import ImageDumper, LabelIdWriter, image_miou, make_record
-from .inference import Combo, Inference, MultiScalePass
+from .inference import Combo, Inference
 from .evaluation.metrics import confusion_counter
 from .runtime.precision import autocast
 
@@ -127,7 +127,7 @@ def predict(model: nn.Module, images: torch.Tensor, how: Inference) -> dict[str,
     flips), and each scale's own `pred_{s}x` (and `attn_{s}x` for attention models) at that scale's resolution.
     The caller chooses the autocast context (`how.precision` is applied by `evaluate`)."""
     combo = how.combo(model)
-    run = MultiScalePass(model, images, combo.scales, combo.flip, how.window, how.overlap)
+    run = how.run(model, images, [combo], keep=combo.scales)
     return {"pred": run.logits(combo), **run.maps()}
 
 
@@ -178,8 +178,6 @@ def evaluate(
     setting = how.combo(model)
     combos = [setting] + [c for c in how.sweep(model) if c != setting]
     position = {c: i for i, c in enumerate(combos)}
-    run_scales = sorted({s for c in combos for s in c.scales}, reverse=True)
-    run_flip = any(c.flip for c in combos)
     dumper = None
     if dump_dir is not None:
         dumper = ImageDumper(dump_dir, dump, num_dump, palette, ignore_index, num_classes)
@@ -194,7 +192,7 @@ def evaluate(
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
         with autocast(how.precision, device):
-            run = MultiScalePass(model, images, run_scales, run_flip, how.window, how.overlap)
+            run = how.run(model, images, combos, keep=setting.scales if dumper is not None else ())
         logits = run.logits(setting).float()
         if target is not None and logits.shape[-2:] != target.shape[-2:]:
             logits = resize(logits, target.shape[-2:])  # labels kept at native size (data.eval_native_labels)

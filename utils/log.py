@@ -9,25 +9,56 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 
 class Progress:
-    """A one-line progress bar per logging interval: iteration, loss terms, learning rate, speed and ETA."""
+    """One progress line: a bar, done/total, optional values, rate and ETA (the training log, video frames,
+    the centroid build).
 
-    def __init__(self, total: int, start: int, log: Callable[[str], None], width: int = 20) -> None:
+    With `log` (e.g. RunLogger.info) every update is a line of its own: training writes one per logging interval,
+    so they also reach train.log. Without it the line is rewritten in place on `stream` (stderr by default), at
+    most every `interval` seconds, and `final=True` ends it with a newline.
+    `start`: what was done before timing began (a resumed run), so the rate and ETA count this run's work only.
+    `unit` names what is counted ("frames"); a total of 0 (unknown) shows the count and the rate only.
+    """
+
+    def __init__(self, total: int, start: int = 0, log: Callable[[str], None] | None = None, *,
+                 stream: TextIO | None = None, unit: str = "", label: str = "", interval: float = 0.5,
+                 width: int = 20) -> None:
         self.total, self.start, self.log, self.width = total, start, log, width
-        self.t0 = time.time()
+        self.stream = stream if stream is not None else sys.stderr
+        self.unit, self.label, self.interval = unit, label, interval
+        self.t0 = self.last = time.monotonic()
 
-    def update(self, iteration: int, values: dict[str, float]) -> None:
-        done = iteration - self.start
-        elapsed = time.time() - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - iteration) / rate if rate > 0 else float("inf")
-        filled = int(self.width * iteration / max(self.total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        fields = "  ".join(f"{k} {v:.4g}" for k, v in values.items())
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-        self.log(f"[{bar}] {iteration}/{self.total}  {fields}  {rate:.2f} it/s  eta {eta_s}")
+    def line(self, done: int, values: dict[str, float] | None = None) -> str:
+        """The text of the line at `done` (timed from the start)."""
+        elapsed = time.monotonic() - self.t0
+        rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+        count = f"{done}/{self.total}" if self.total > 0 else f"{done}"
+        parts = [self.label] if self.label else []
+        if self.total > 0:
+            filled = int(self.width * min(done, self.total) / self.total)
+            parts.append(f"[{'#' * filled}{'.' * (self.width - filled)}]")
+        parts.append(f"{count} {self.unit}" if self.unit else count)
+        head = " ".join(parts)
+        fields = [head] + [f"{k} {v:.4g}" for k, v in (values or {}).items()]
+        fields.append(f"{rate:.2f} {self.unit or 'it'}/s")
+        if self.total > 0:
+            eta = max(self.total - done, 0) / rate if rate > 0 else math.inf
+            fields.append("eta " + _clock(eta))
+        return "  ".join(fields)
+
+    def update(self, done: int, values: dict[str, float] | None = None, final: bool = False) -> None:
+        if self.log is not None:
+            self.log(self.line(done, values))
+            return
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        self.stream.write("\r" + self.line(done, values) + ("\n" if final else ""))
+        self.stream.flush()
 
 
 class RunLogger:
@@ -143,6 +174,14 @@ class _LogBridge(logging.Handler):
                 self.target.info(message)
         except Exception:  # a logging failure must not stop training
             self.handleError(record)
+
+
+def _clock(seconds: float) -> str:
+    """H:MM:SS (hours unbounded: a long run's ETA may exceed a day); --:--:-- when unknown."""
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60:02d}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _drop_rows_after(path: str, iteration: int) -> None:

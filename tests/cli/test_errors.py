@@ -22,19 +22,16 @@ import torch
 import eval as eval_script
 import train as train_script
 from datasets.synthetic import generate_synthetic_cityscapes
+from tests.fixtures import SYNTHETIC_KEYS, TINY_MODEL, options_yaml, tiny_run
 from utils.checkpoint import checkpoint_paths
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}"
 
 
 def tiny(tmp: Path, data: Path, run: str = "run", max_iter: int = 2) -> list[str]:
-    return [
-        "data.dataset=cityscapes", f"data.root={data}", "data.crop_size=[64,64]", "data.batch_size=4", "data.val_batch_size=2",
-        "data.num_workers=0", TINY_MODEL, f"train.max_iter={max_iter}", "train.ckpt_interval=2",
-        "train.log_interval=1", f"train.output_dir={tmp}/runs", f"train.run_name={run}", "eval.scales=[0.5,1.0]",
-        "eval.num_dump=1",
-    ]
+    """The tiny run on the Cityscapes-layout folder `data`, its run folder under `tmp`."""
+    return tiny_run({"data.dataset": "cityscapes", "data.root": data, **dict.fromkeys(SYNTHETIC_KEYS)},
+                    root=tmp, run=run, max_iter=max_iter)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -163,14 +160,14 @@ def test_refusal_names_the_keys_that_count(run_copy, data):
 def test_a_moved_run_folder_resumes(run_copy, data):
     moved = run_copy / "elsewhere"
     shutil.move(str(run_copy / "runs"), str(moved))
-    args = [a for a in tiny(run_copy, data, max_iter=4) if not a.startswith(("train.output_dir", "train.run_name"))]
-    message = fails(train_script.main, args + [f"train.output_dir={moved}", "train.run_name=run"])
+    args = [a for a in tiny(run_copy, data, max_iter=4) if not a.startswith(("run.output_dir", "run.name"))]
+    message = fails(train_script.main, args + [f"run.output_dir={moved}", "run.name=run"])
     assert "train.max_iter: 2 -> 4" in message  # the only difference that counts
-    train_script.main(args + [f"train.output_dir={moved}", "train.run_name=run", "train.max_iter=2"])
+    train_script.main(args + [f"run.output_dir={moved}", "run.name=run", "train.max_iter=2"])
     assert "resumed from" in (moved / "run" / "train.log").read_text()
 
 
-@pytest.mark.parametrize("key,value", [("train.output_dir", "/proc/hmsa_x"), ("eval.dump_dir", "/proc/hmsa_x")])
+@pytest.mark.parametrize("key,value", [("run.output_dir", "/proc/hmsa_x"), ("eval.dump_dir", "/proc/hmsa_x")])
 def test_unwritable_output_folders_fail_at_start(key, value, tmp_path, data):
     message = fails(train_script.main, tiny(tmp_path, data) + [f"{key}={value}"])
     assert key in message and "/proc/hmsa_x" in message and "choose a writable folder" in message, message
@@ -213,7 +210,7 @@ def test_no_readable_checkpoint_is_an_error_listing_them(run_copy, data):
     before = snapshot(run)
     message = fails(train_script.main, tiny(run_copy, data))
     assert "none of the 2 checkpoint(s)" in message and "ckpt_00000002.pth" in message \
-        and "ckpt_00000001.pth" in message and "train.run_name" in message, message
+        and "ckpt_00000001.pth" in message and "run.name" in message, message
     assert snapshot(run) == before
 
 
@@ -233,7 +230,7 @@ def test_unreadable_newest_checkpoint_is_skipped_by_name(run_copy, data, capfd):
 def test_failed_force_resume_leaves_the_config_as_it_was(run_copy, data):
     run = run_copy / "runs" / "run"
     before = snapshot(run)
-    wider = "model.options={trunk: resnet18, aspp_ch: 16, fine_ch: 8, head_ch: 8, attn_ch: 8}"
+    wider = f"model.options={options_yaml({**TINY_MODEL, 'aspp_ch': 16})}"
     message = fails(train_script.main, tiny(run_copy, data) + [wider, "--force-resume"])
     assert "ckpt_00000002.pth" in message and "does not match the model" in message, message
     assert snapshot(run) == before  # config.yaml included
@@ -253,7 +250,7 @@ def test_orphaned_temporary_checkpoints_are_removed_at_start(run_copy, data):
 def test_resume_none_refuses_a_folder_with_checkpoints(run_copy, data):
     before = snapshot(run_copy / "runs")
     message = fails(train_script.main, tiny(run_copy, data) + ["--resume", "none"])
-    assert "already holds checkpoints" in message and "train.run_name" in message
+    assert "already holds checkpoints" in message and "run.name" in message
     assert snapshot(run_copy / "runs") == before
 
 
@@ -288,9 +285,7 @@ def test_folder_results_never_replace_a_labelled_split(run_copy, data):
 
 def _synthetic(tmp: Path, root: Path) -> list[str]:
     """The tiny run on the generated demo dataset (data.dataset=synthetic) at `root`."""
-    return [a for a in tiny(tmp, root) if a != "data.dataset=cityscapes"] + [
-        "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
-        "data.synthetic.height=64", "data.synthetic.width=128"]
+    return tiny_run({"data.dataset": "synthetic", "data.root": root}, root=tmp, max_iter=2)
 
 
 def test_cityscapes_with_a_missing_root_is_an_error_not_a_demo(tmp_path, data):
@@ -385,18 +380,18 @@ def _cli(script: str, *args: str, env_extra: dict | None = None) -> subprocess.C
 
 @pytest.mark.slow
 def test_shell_user_sees_one_line_without_traceback(tmp_path):
-    proc = _cli("train.py", "train.ckpt_interval=0", f"train.output_dir={tmp_path}")
+    proc = _cli("train.py", "train.ckpt_interval=0", f"run.output_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: config error: train.ckpt_interval must be at least 1, got 0"
     assert "Traceback" not in proc.stderr + proc.stdout
-    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"train.output_dir={tmp_path}")
+    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"run.output_dir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: checkpoint not found: {tmp_path / 'nope.pth'}"
 
 
 @pytest.mark.slow
 def test_debug_switch_shows_the_traceback(tmp_path):
-    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"train.output_dir={tmp_path}", "--debug")
+    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"run.output_dir={tmp_path}", "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
-    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"train.output_dir={tmp_path}",
+    proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"run.output_dir={tmp_path}",
                 env_extra={"HMSA_DEBUG": "1"})
     assert "Traceback" in proc.stderr

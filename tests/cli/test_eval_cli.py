@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import eval as eval_script
 from datasets import build_dataset
 from datasets.cityscapes import label_map
-from tests.eval_fixtures import HEIGHT, NUM_VAL, WIDTH, make_setup, tiny_model
+from tests.fixtures import HEIGHT, NUM_VAL, WIDTH, make_setup, tiny_model
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.evaluation.dumps import image_miou, train_to_label_lut

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from datasets import build_dataset, build_loader
-from tests.eval_fixtures import NUM_VAL, make_setup, tiny_model
+from tests.fixtures import NUM_VAL, make_setup, tiny_model
 from utils.checkpoint import load_checkpoint
 from utils.config import load_config
 from utils.engine import evaluate

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import eval as eval_script
-import network
+from tests.fixtures import TINY_MODEL_OVERRIDE, tiny_model
 from utils.engine import predict
 from utils.inference import Inference
 
@@ -25,7 +25,6 @@ LABELS = [
 EVAL_SIZE = 64
 # (width, height): downscaled (long edge 150 -> 64: 64x42 by truncation, 42.66), upscaled (40 -> 64), exact
 SIZES = [(150, 100), (30, 40), (64, 48)]
-TINY = {"trunk": "resnet18", "aspp_ch": 8, "fine_ch": 8, "head_ch": 8, "attn_ch": 8}
 
 
 def scene(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,12 +52,7 @@ def mapillary(tmp_path_factory):
             pal = Image.fromarray(label, mode="P")
             pal.putpalette([c for lab in LABELS for c in lab["color"]] + [0] * (768 - 12))
             pal.save(root / split / "labels" / f"v{i}.png")
-    torch.manual_seed(0)
-    model = network.build_model("hmsa_deeplabv3plus", 3, **TINY)
-    for m in model.modules():  # non-trivial statistics, so that predictions vary over the image
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
+    model = tiny_model(num_classes=3)
     ckpt = root / "tiny.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     return root, ckpt, model.eval()
@@ -92,7 +86,7 @@ def test_mapillary_eval_scores_pillow_resized_images(mapillary, tmp_path):
     assert [int(h * EVAL_SIZE / max(w, h)) if w >= h else int(w * EVAL_SIZE / max(w, h)) for w, h in SIZES] == [42, 48, 48]
     summary = eval_script.main([
         "data.dataset=mapillary", f"data.root={root}", f"data.eval_size={EVAL_SIZE}", "data.val_batch_size=1",
-        "data.num_workers=0", "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
+        "data.num_workers=0", TINY_MODEL_OVERRIDE,
         "eval.scales=[0.5,1.0]", "eval.dump=none", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ev"),
     ])
     hist = expected_hist(root, model, [0.5, 1.0])

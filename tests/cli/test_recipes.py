@@ -26,18 +26,18 @@ TRAIN_DEFAULTS = {
     "data.cv": 0,
     "data.train_split": "train",
     "data.val_split": "val",
-    "data.scale_min": 0.5,  # --scale_min
-    "data.scale_max": 2.0,  # --scale_max
-    "data.hflip": True,  # RandomHorizontallyFlip, always
-    "data.color_aug": 0.25,  # --color_aug
-    "data.bblur": False,
-    "data.rand_augment": (),
-    "data.class_uniform_pct": 0.5,  # --class_uniform_pct
-    "data.class_uniform_tile": 1024,  # the original computes on 1024 tiles whatever the flag says
-    "data.class_uniform_share": "all_classes",  # per_class = int(n * pct / K) over all K classes
-    "data.centroid_snap": False,  # the truncated mean position, even off the class
+    "data.augment.scale_min": 0.5,  # --scale_min
+    "data.augment.scale_max": 2.0,  # --scale_max
+    "data.augment.hflip": True,  # RandomHorizontallyFlip, always
+    "data.augment.color_jitter": 0.25,  # --color_aug
+    "data.augment.bilateral_blur": False,
+    "data.augment.rand_augment": (),
+    "data.class_uniform.pct": 0.5,  # --class_uniform_pct
+    "data.class_uniform.tile": 1024,  # the original computes on 1024 tiles whatever the flag says
+    "data.class_uniform.share": "all_classes",  # per_class = int(n * pct / K) over all K classes
+    "data.class_uniform.snap": False,  # the truncated mean position, even off the class
     "data.resample": "pil",  # every resize is PIL's (antialiased downscaling)
-    "data.crop_placement": "original",  # small images centred (<= 2 px jitter); clipped centroid crops
+    "data.augment.crop_placement": "original",  # small images centred (<= 2 px jitter); clipped centroid crops
     "data.val_batch_size": 1,  # --bs_val
     "model.name": HMSA,
     "model.norm": "syncbn",  # syncbn: true
@@ -55,25 +55,25 @@ TRAIN_DEFAULTS = {
     "train.lr_step": "epoch",  # scheduler.step() once per epoch
     "train.max_iter": 0,  # epochs only
     "train.accum_steps": 1,
-    "train.precision": "fp16",  # fp16: true (apex amp O1)
+    "run.precision": "fp16",  # fp16: true (apex amp O1)
     "train.val_epochs": 1,  # validate() after every epoch (val_freq 1), best checkpoint kept
     "eval.scales": (0.5, 1.0, 2.0),  # n_scales, used for the per-epoch validation
     "eval.flip": False,
     "eval.fusion": "attention",
 }
 NO_COARSE = {
-    "data.coarse_boost_classes": (),
-    "data.custom_coarse_prob": 0.0,
-    "data.custom_coarse_dropout_classes": (),
-    "data.mask_out_cityscapes": False,
+    "data.coarse.boost_classes": (),
+    "data.coarse.autolabel_threshold": 0.0,
+    "data.coarse.dropout_classes": (),
+    "data.coarse.mask_out": False,
 }
 CITYSCAPES_TRAIN = {
     **TRAIN_DEFAULTS,
     "data.dataset": "cityscapes",
-    "data.crop_size": (1024, 2048),
-    "data.pre_size": 0,
+    "data.augment.crop_size": (1024, 2048),
+    "data.augment.long_edge": 0,
     "data.eval_size": 0,  # Cityscapes val: full 1024x2048 images, no resize
-    "data.gblur": False,  # --gblur default off
+    "data.augment.gaussian_blur": False,  # --gblur default off
     "data.batch_size": 1,  # bs_trn 1
     "loss.scale": "bce",  # supervised_mscale_loss_wt: BCE (no RMI) on each scale's own prediction
     "loss.scale_weight": 0.05,
@@ -91,14 +91,14 @@ TABLE: dict[str, dict[str, object]] = {
         "train.lr": 1e-2,
         "gpus": 16,
         "global_batch": 16,
-        "data.coarse_boost_classes": (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18),
-        "data.custom_coarse_dropout_classes": (14, 15, 16),
-        "data.custom_coarse_prob": 0.5,
-        "data.mask_out_cityscapes": True,
-        "data.autolabel_order": "original",
+        "data.coarse.boost_classes": (3, 4, 6, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18),
+        "data.coarse.dropout_classes": (14, 15, 16),
+        "data.coarse.autolabel_threshold": 0.5,
+        "data.coarse.mask_out": True,
+        "data.coarse.order": "original",
         # The script says --max_cu_epoch 150, but the original's disable_coarse() was a no-op: its published run
         # used coarse crops in all 175 epochs, which max_cu_epoch = max_epoch reproduces.
-        "data.max_cu_epoch": 175,
+        "data.coarse.last_epoch": 175,
     },
     "cityscapes/eval_hmsa_ocrnet_hrnet_w48.yaml": {
         "data.dataset": "cityscapes",
@@ -109,7 +109,7 @@ TABLE: dict[str, dict[str, object]] = {
         "model.name": HMSA,
         "model.snapshot": "cityscapes_ocrnet.HRNet_Mscale_outstanding-turtle.pth",
         "model.options.attn_bn_stats": "both",
-        "train.precision": "fp16",
+        "run.precision": "fp16",
         "eval.scales": (0.5, 1.0, 2.0),
         "eval.flip": False,
         "eval.fusion": "attention",
@@ -118,11 +118,11 @@ TABLE: dict[str, dict[str, object]] = {
         **TRAIN_DEFAULTS,
         **NO_COARSE,
         "data.dataset": "mapillary",
-        "data.crop_size": (1024, 1024),
-        "data.pre_size": 2177,
+        "data.augment.crop_size": (1024, 1024),
+        "data.augment.long_edge": 2177,
         "data.eval_size": 2177,  # val: Scale(pre_size), scored at that size
         "data.eval_native_labels": False,
-        "data.gblur": True,  # gblur: true
+        "data.augment.gaussian_blur": True,  # gblur: true
         "data.batch_size": 2,  # bs_trn 2
         "loss.scale_weight": 0.0,  # no supervised_mscale_loss_wt
         "train.lr": 5e-3,
@@ -142,7 +142,7 @@ TABLE: dict[str, dict[str, object]] = {
         "model.name": HMSA,
         "model.snapshot": "mapillary_ocrnet.HRNet_Mscale_fast-rattlesnake.pth",
         "model.options.attn_bn_stats": "both",
-        "train.precision": "fp16",  # amp O3 in the original (pure fp16)
+        "run.precision": "fp16",  # amp O3 in the original (pure fp16)
         "eval.scales": (0.25, 0.5, 1.0, 2.0),
         "eval.flip": True,  # do_flip
         "eval.fusion": "attention",
@@ -195,8 +195,9 @@ def resolve(name: str, key: str) -> object:
         return total
     if key.startswith("model.options."):
         return model_option(cfg, key.split(".", 2)[2])
-    section, field = key.split(".")
-    value = getattr(getattr(cfg, section), field)
+    value = cfg
+    for field in key.split("."):
+        value = getattr(value, field)
     if field in ("snapshot", "pretrained"):
         return os.path.basename(value)  # the folder is the user's; the file is the original's
     return value
@@ -222,5 +223,5 @@ def test_every_published_recipe_is_in_the_table():
 
 def test_sota_recipe_keeps_coarse_data_to_the_last_epoch():
     cfg, header = recipe("cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048_sota.yaml")
-    assert cfg.data.max_cu_epoch >= cfg.train.max_epoch
-    assert "data.max_cu_epoch=150" in header  # the comment says how to get the intended switch-off
+    assert cfg.data.coarse.last_epoch >= cfg.train.max_epoch
+    assert "data.coarse.last_epoch=150" in header  # the comment says how to get the intended switch-off

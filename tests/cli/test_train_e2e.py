@@ -7,6 +7,7 @@ import torch
 
 import eval as eval_script
 import train as train_script
+from tests.fixtures import tiny_run
 from utils.checkpoint import checkpoint_paths, read_checkpoint
 
 # Every test here trains a model.
@@ -14,16 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def overrides(tmp_path, max_iter=4, run="run"):
-    return [
-        f"data.root={tmp_path}/data",
-        "data.synthetic.num_train=8", "data.synthetic.num_val=2",
-        "data.synthetic.height=64", "data.synthetic.width=128",
-        "data.crop_size=[64,64]", "data.batch_size=4", "data.val_batch_size=2", "data.num_workers=0",
-        "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
-        f"train.max_iter={max_iter}", "train.ckpt_interval=2", "train.log_interval=1",
-        f"train.output_dir={tmp_path}/runs", f"train.run_name={run}",
-        "eval.scales=[0.5,1.0]", "eval.num_dump=1",
-    ]
+    return tiny_run(root=tmp_path, run=run, max_iter=max_iter)
 
 
 def test_train_writes_run_folder_and_evaluates(tmp_path):

@@ -55,10 +55,10 @@ def root(tmp_path_factory) -> str:
 
 
 def cfg(root: str, **kw) -> DataConfig:
-    base = dict(root=root, dataset="cityscapes", num_workers=0, crop_size=(16, 16), coarse_boost_classes=(13, 14, 15),
-                max_cu_epoch=3)
+    base = dict(root=root, dataset="cityscapes", num_workers=0, crop_size=(16, 16), boost_classes=(13, 14, 15),
+                last_epoch=3)
     base.update(kw)
-    return DataConfig(**base)
+    return DataConfig.make(**base)
 
 
 def test_coarse_images_follow_the_fine_ones_until_max_cu_epoch(root):
@@ -77,7 +77,7 @@ def test_coarse_images_follow_the_fine_ones_until_max_cu_epoch(root):
 
 
 def test_autolabel_threshold_dropout_and_mask_out(root):
-    ds = build_dataset(cfg(root, custom_coarse_prob=0.5, custom_coarse_dropout_classes=(14, 15)), "train", True)
+    ds = build_dataset(cfg(root, autolabel_threshold=0.5, dropout_classes=(14, 15)), "train", True)
     assert ds.samples[6].mask.endswith("autolabelled/train_extra/augsburg/augsburg_000000_000001_leftImg8bit.png")
     m = ds.load_mask(6)
     assert (m[16:, :32] == 0).all() and (m[:24, 32:] == 13).all()  # road, car
@@ -85,13 +85,13 @@ def test_autolabel_threshold_dropout_and_mask_out(root):
     assert (m[8:16, :16] == 255).all()  # probability 0.2 < 0.5: ignore
     assert (m[0:8, 0:10] == 255).all()  # bus is in the autolabel: human bus pixels unioned in, then thresholded
     assert (m[0:8, 40:50] == 13).all()  # truck is not in the autolabel: the human truck pixels are not added
-    ours = build_dataset(cfg(root, custom_coarse_prob=0.5, custom_coarse_dropout_classes=(14, 15),
-                             autolabel_order="threshold_first"), "train", True).load_mask(6)
+    ours = build_dataset(cfg(root, autolabel_threshold=0.5, dropout_classes=(14, 15),
+                             order="threshold_first"), "train", True).load_mask(6)
     assert (ours[0:8, 0:10] == 15).all()  # human bus pixels on top of the threshold: kept at low probability
     assert (ours[0:8, 40:50] == 13).all()
-    plain = build_dataset(cfg(root, custom_coarse_prob=0.5), "train", True).load_mask(6)
+    plain = build_dataset(cfg(root, autolabel_threshold=0.5), "train", True).load_mask(6)
     assert (plain[0:8, 0:10] == 255).all()  # without dropout classes the low-probability corner stays ignored
-    out = build_dataset(cfg(root, custom_coarse_prob=0.5, mask_out_cityscapes=True), "train", True).load_mask(6)
+    out = build_dataset(cfg(root, autolabel_threshold=0.5, mask_out=True), "train", True).load_mask(6)
     rows = round(840 / 1024 * H)
     assert (out[rows:] == 255).all() and (out[16:rows, 16:32] == 0).all()
 
@@ -138,9 +138,9 @@ def cases_root(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("order", sorted(EXPECTED))
 def test_autolabel_order_on_hand_built_cases(cases_root, tmp_path, order):
-    c = cfg(cases_root, coarse_boost_classes=(13, 14, 15), custom_coarse_prob=0.5,
-            custom_coarse_dropout_classes=(14, 16), mask_out_cityscapes=True, autolabel_order=order,
-            class_uniform_pct=0.5, class_uniform_tile=8, centroid_dir=str(tmp_path))
+    c = cfg(cases_root, boost_classes=(13, 14, 15), autolabel_threshold=0.5,
+            dropout_classes=(14, 16), mask_out=True, order=order,
+            pct=0.5, tile=8, cache_dir=str(tmp_path))
     ds = build_dataset(c, "train", True)
     inside, row7 = EXPECTED[order]
     want = np.array([inside] * 7 + [row7], np.uint8)
@@ -154,8 +154,8 @@ def test_autolabel_order_on_hand_built_cases(cases_root, tmp_path, order):
 
 
 def test_autolabel_order_is_checked():
-    with pytest.raises(ConfigError, match=r"data.autolabel_order: expected one of \['original', 'threshold_first'\]"):
-        load_config(None, ["data.autolabel_order=human_last"])
+    with pytest.raises(ConfigError, match=r"data.coarse.order: expected one of \['original', 'threshold_first'\]"):
+        load_config(None, ["data.coarse.order=human_last"])
 
 
 def test_autolabels_written_flat_by_eval(root, tmp_path):
@@ -165,13 +165,13 @@ def test_autolabels_written_flat_by_eval(root, tmp_path):
     for d, _, files in os.walk(os.path.join(root, "autolabelled")):
         for f in files:
             shutil.copy(os.path.join(d, f), flat / f)
-    ds = build_dataset(cfg(root, custom_coarse_prob=0.5, autolabel_dir=str(flat)), "train", True)
+    ds = build_dataset(cfg(root, autolabel_threshold=0.5, autolabel_dir=str(flat)), "train", True)
     assert ds.samples[6].mask == str(flat / "augsburg_000000_000001_leftImg8bit.png")
     assert (ds.load_mask(6)[8:16, :16] == 255).all()
 
 
 def test_coarse_centroids_only_for_boost_classes_and_only_before_max_cu_epoch(root, tmp_path):
-    c = cfg(root, coarse_boost_classes=(14,), class_uniform_pct=0.5, class_uniform_tile=16, centroid_dir=str(tmp_path))
+    c = cfg(root, boost_classes=(14,), pct=0.5, tile=16, cache_dir=str(tmp_path))
     ds = build_dataset(c, "train", train=True)
     coarse_rows = {k: [r for r in v if r[0] >= 6] for k, v in ((k, ds.uniform.centroids[k].tolist())
                                                                 for k in range(19))}
@@ -190,9 +190,9 @@ def test_missing_coarse_folders(root, tmp_path):
     shutil.copytree(root, broken)
     os.remove(os.path.join(broken, "autolabelled/train_extra/bamberg/bamberg_000003_000001_leftImg8bit_prob.png"))
     with pytest.raises(DataError, match="without an autolabel.*: bamberg_000003_000001 "):
-        build_dataset(cfg(broken, custom_coarse_prob=0.5), "train", True)
+        build_dataset(cfg(broken, autolabel_threshold=0.5), "train", True)
     with pytest.raises(ValueError, match="train ids"):
-        build_dataset(cfg(root, coarse_boost_classes=(19,)), "train", True)
+        build_dataset(cfg(root, boost_classes=(19,)), "train", True)
 
 
 def test_prepare_cityscapes_script(root, tmp_path, capsys):
@@ -214,18 +214,18 @@ SOTA = os.path.join(REPO, "configs", "cityscapes", "hmsa_ocrnet_hrnet_w48_1024x2
 
 def test_sota_recipe_uses_coarse_crops_in_every_epoch(root, tmp_path):
     """The published SOTA run drew class-uniform crops of the boost classes from fine + coarse centroids in all
-    175 epochs (its max_cu_epoch switch-off was a no-op); data.max_cu_epoch=150 switches them off as intended."""
-    small = [f"data.root={root}", "data.class_uniform_tile=16", f"data.centroid_dir={tmp_path}", "data.num_workers=0"]
+    175 epochs (its max_cu_epoch switch-off was a no-op); data.coarse.last_epoch=150 switches them off as intended."""
+    small = [f"data.root={root}", "data.class_uniform.tile=16", f"data.class_uniform.cache_dir={tmp_path}", "data.num_workers=0"]
     cfg = load_config(SOTA, small)
     ds = build_dataset(cfg.data, "train", train=True)
-    boost = set(cfg.data.coarse_boost_classes)
+    boost = set(cfg.data.coarse.boost_classes)
     with_coarse = {c for c in range(19) if (ds.uniform.centroids[c][:, 0] >= ds.num_main).any()}
     assert with_coarse and with_coarse <= boost  # car and bus of the autolabels; road (not boosted) has none
     assert all(ds.extra_active(epoch) for epoch in range(cfg.train.max_epoch))
     last = cfg.train.max_epoch - 1
     for c in with_coarse:  # the last epoch still draws them from the fine and coarse centroids together
         assert len(ds.uniform.pool(c, ds.extra_active(last))) == len(ds.uniform.centroids[c])
-    intended = build_dataset(load_config(SOTA, small + ["data.max_cu_epoch=150"]).data, "train", train=True)
+    intended = build_dataset(load_config(SOTA, small + ["data.coarse.last_epoch=150"]).data, "train", train=True)
     assert intended.extra_active(149) and not intended.extra_active(150)
     late = [intended.uniform.pool(c, intended.extra_active(150)) for c in with_coarse]
     assert not any((rows[:, 0] >= intended.num_main).any() for rows in late)

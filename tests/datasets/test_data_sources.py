@@ -51,7 +51,7 @@ def mapillary(tmp_path_factory) -> str:
 
 
 def mvd_cfg(root: str, **kw) -> DataConfig:
-    return DataConfig(dataset="mapillary", root=root, num_workers=0, crop_size=(24, 24), **kw)
+    return DataConfig.make(dataset="mapillary", root=root, num_workers=0, crop_size=(24, 24), **kw)
 
 
 def test_mapillary_classes_and_labels(mapillary):
@@ -62,7 +62,7 @@ def test_mapillary_classes_and_labels(mapillary):
     raw = np.asarray(Image.open(ds.samples[0].mask))
     assert torch.equal(item["mask"], torch.from_numpy(raw.astype(np.int64)))  # indices, not palette colours
     assert item["image"].shape == (3, 40, 60)
-    train = build_dataset(mvd_cfg(mapillary, pre_size=30), "train", train=True)
+    train = build_dataset(mvd_cfg(mapillary, long_edge=30), "train", train=True)
     assert train[0]["mask"].shape == (24, 24)
     test = build_dataset(mvd_cfg(mapillary), "test", train=False)
     assert "mask" not in test[0]
@@ -71,7 +71,7 @@ def test_mapillary_classes_and_labels(mapillary):
 def test_mapillary_eval_size(mapillary):
     resized = build_dataset(mvd_cfg(mapillary, eval_size=30), "val", train=False)[0]
     assert resized["image"].shape == (3, 20, 30) and resized["mask"].shape == (20, 30)
-    from_pre_size = build_dataset(mvd_cfg(mapillary, pre_size=30), "val", train=False)[0]
+    from_pre_size = build_dataset(mvd_cfg(mapillary, long_edge=30), "val", train=False)[0]
     assert from_pre_size["image"].shape == (3, 20, 30)
     native = build_dataset(mvd_cfg(mapillary, eval_size=30, eval_native_labels=True), "val", train=False)[0]
     assert native["image"].shape == (3, 20, 30) and native["mask"].shape == (40, 60)
@@ -116,7 +116,7 @@ def custom(tmp_path) -> tuple[str, str]:
 
 def test_custom_dataset_trains_from_a_config(custom):
     root, classes = custom
-    cfg = DataConfig(dataset="custom", root=root, classes=classes, num_workers=0, crop_size=(16, 16),
+    cfg = DataConfig.make(dataset="custom", root=root, classes=classes, num_workers=0, crop_size=(16, 16),
                      batch_size=2)
     train = build_dataset(cfg, "train", train=True)
     assert (train.num_classes, train.ignore_index, train.class_names) == (3, 255, ["background", "road", "car"])
@@ -131,7 +131,7 @@ def test_custom_dataset_trains_from_a_config(custom):
 
 def test_custom_dataset_errors(custom, tmp_path):
     root, classes = custom
-    cfg = DataConfig(dataset="custom", root=root, classes=classes, num_workers=0)
+    cfg = DataConfig.make(dataset="custom", root=root, classes=classes, num_workers=0)
     bad = os.path.join(root, "masks/val/a/p0.png")
     m = np.zeros((30, 40), np.uint8)
     m[0, 0] = 8
@@ -155,19 +155,19 @@ def test_folder_dataset(tmp_path):
     for i, (h, w) in enumerate([(20, 30), (24, 16)]):
         cv2.imwrite(str(tmp_path / f"x{i}.png"), np.full((h, w, 3), 9 * i, np.uint8))
     (tmp_path / "notes.txt").write_text("not an image")
-    cfg = DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, val_batch_size=1)
+    cfg = DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0, val_batch_size=1)
     ds = build_dataset(cfg, "val", train=False)
     assert len(ds) == 2 and ds.num_classes == 19 and set(ds[1]) == {"image", "name"} and ds[1]["image"].shape == (3, 24, 16)
     assert ds.label_map.id_to_train[26] == 13  # predictions can be written back as Cityscapes label ids
     assert [b["name"] for b in build_loader(ds, cfg, train=False)] == [["x0"], ["x1"]]
-    mixed = build_loader(ds, DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, val_batch_size=2), False)
+    mixed = build_loader(ds, DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0, val_batch_size=2), False)
     with pytest.raises(DataError, match="different sizes"):
         next(iter(mixed))
     with pytest.raises(DataNotFoundError, match="image folder not found.*missing"):
-        build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "missing")), "val", False)
+        build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path / "missing")), "val", False)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(DataNotFoundError, match="no images.*empty"):
-        build_dataset(DataConfig(dataset="folder", root=str(tmp_path / "empty")), "val", False)
+        build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path / "empty")), "val", False)
 
 
 def test_folder_unreadable_image_is_an_error_or_skipped(tmp_path, caplog):
@@ -176,11 +176,11 @@ def test_folder_unreadable_image_is_an_error_or_skipped(tmp_path, caplog):
     bad = tmp_path / "x1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated: the header survives, the pixels do not
     before = bad.read_bytes()
-    strict = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
+    strict = build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
     assert [s.name for s in strict.samples] == ["x0", "x1", "x2"]
     with pytest.raises(DataError, match=rf"^cannot decode image \(corrupt, truncated or not an image\): {bad}$"):
         strict[1]
-    skipping = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, skip_bad=True), "folder",
+    skipping = build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0, skip_bad=True), "folder",
                              False)
     with caplog.at_level("WARNING", logger="datasets.base"):
         assert [skipping[i]["name"] for i in range(3)] == ["x0", "x2", "x2"]  # x1 logged, the next image stands in

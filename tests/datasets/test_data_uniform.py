@@ -176,9 +176,9 @@ def test_cache_files_differ_between_centroid_modes(tmp_path):
 
 
 def test_build_dataset_defaults_to_the_originals_sampling(synth, tmp_path):
-    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=0.5, class_uniform_tile=32,
-                     centroid_dir=str(tmp_path), num_workers=0)
-    assert cfg.class_uniform_share == "all_classes" and cfg.centroid_snap is False
+    cfg = DataConfig.make(root=synth, dataset="cityscapes", pct=0.5, tile=32,
+                     cache_dir=str(tmp_path), num_workers=0)
+    assert cfg.class_uniform.share == "all_classes" and cfg.class_uniform.snap is False
     ds = build_dataset(cfg, "train", train=True)
     assert ds.uniform.share == "all_classes"
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")][0].startswith("cityscapes_train_cv0_tile32_mean_")
@@ -242,10 +242,10 @@ def test_epoch_composition_present_classes(seed):
 def test_epoch_composition_bad_values():
     with pytest.raises(ValueError, match="fraction"):
         ClassUniform(HAND, 4, pct=0.0, num_main=20)
-    with pytest.raises(ValueError, match="data.class_uniform_share must be one of all_classes, present_classes"):
+    with pytest.raises(ValueError, match="data.class_uniform.share must be one of all_classes, present_classes"):
         ClassUniform(HAND, 4, pct=0.5, num_main=20, share="some")
-    with pytest.raises(ConfigError, match=r"data.class_uniform_share: expected one of \['all_classes', 'present"):
-        load_config(None, ["data.class_uniform_share=some"])
+    with pytest.raises(ConfigError, match=r"data.class_uniform.share: expected one of \['all_classes', 'present"):
+        load_config(None, ["data.class_uniform.share=some"])
 
 
 @pytest.mark.parametrize("n,k", [(3, 3), (3, 7), (5, 12), (1, 4)])
@@ -298,9 +298,9 @@ def synth(tmp_path_factory):
 
 
 def test_class_centred_crops_contain_their_class(synth, tmp_path):
-    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=1.0, class_uniform_tile=32,
-                     centroid_dir=str(tmp_path), crop_size=(24, 24), scale_min=1.0, scale_max=1.0, num_workers=0,
-                     batch_size=2, centroid_snap=True, class_uniform_share="present_classes")
+    cfg = DataConfig.make(root=synth, dataset="cityscapes", pct=1.0, tile=32,
+                     cache_dir=str(tmp_path), crop_size=(24, 24), scale_min=1.0, scale_max=1.0, num_workers=0,
+                     batch_size=2, snap=True, share="present_classes")
     ds = build_dataset(cfg, "train", train=True)
     assert ds.uniform is not None and ds.uniform.share == "present_classes"
     assert [f for f in os.listdir(tmp_path) if f.endswith(".json")][0].startswith("cityscapes_train_cv0_tile32_snap_")
@@ -315,8 +315,8 @@ def test_class_centred_crops_contain_their_class(synth, tmp_path):
 
 
 def test_every_rank_draws_the_same_epoch(synth, tmp_path):
-    cfg = DataConfig(root=synth, dataset="cityscapes", class_uniform_pct=0.5, class_uniform_tile=32,
-                     centroid_dir=str(tmp_path), num_workers=0)
+    cfg = DataConfig.make(root=synth, dataset="cityscapes", pct=0.5, tile=32,
+                     cache_dir=str(tmp_path), num_workers=0)
     ds = build_dataset(cfg, "train", train=True)
     ranks = [list(TrainSampler(ds, seed=4, rank=r, world_size=3)) for r in range(3)]
     items, seeds = TrainSampler(ds, seed=4).epoch_list(0)

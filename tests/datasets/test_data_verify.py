@@ -26,7 +26,7 @@ def clean(tmp_path_factory) -> str:
 
 
 def cfg(root: str, **kw) -> DataConfig:
-    return DataConfig(**{"dataset": "cityscapes", "root": root, "num_workers": 0, "crop_size": (16, 16), **kw})
+    return DataConfig.make(**{"dataset": "cityscapes", "root": root, "num_workers": 0, "crop_size": (16, 16), **kw})
 
 
 def files_of(root: str) -> dict[str, bytes]:
@@ -94,7 +94,7 @@ def test_every_bad_file_is_listed_one_line_each(broken, workers):
 def test_data_verify_in_build_dataset_runs_before_class_uniform_centroids(broken, tmp_path):
     root, bad = broken
     centroids = tmp_path / "centroids"
-    settings = dict(num_workers=2, class_uniform_pct=0.5, class_uniform_tile=16, centroid_dir=str(centroids))
+    settings = dict(num_workers=2, pct=0.5, tile=16, cache_dir=str(centroids))
     with pytest.raises(DataError, match=r"^data.verify: 3 of 4 samples of cityscapes/val/cv0"):
         build_dataset(cfg(root, verify=True, **settings), "val", train=True)
     assert not centroids.exists()  # stopped before any centroid was computed
@@ -120,18 +120,18 @@ def test_truncated_jpeg_that_opencv_accepts_is_found(tmp_path):
     path = tmp_path / "p1.jpg"
     path.write_bytes(path.read_bytes()[:-200])
     assert cv2.imread(str(path)) is not None  # OpenCV fills the missing rows with grey and says nothing
-    ds = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
+    ds = build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
     found = find_bad_files(ds, 0)
     assert len(found) == 1 and found[0][0] == str(path)
     assert found[0][1].startswith("cannot fully decode image (truncated or corrupt: image file is truncated")
     with pytest.raises(DataError, match=r"^data.verify: 1 of 3 samples of folder/"):
-        build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0, verify=True), "folder", False)
+        build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0, verify=True), "folder", False)
 
 
 def test_long_lists_are_cut_in_the_message_not_in_the_result(tmp_path):
     for i in range(SHOWN + 3):
         (tmp_path / f"x{i:02d}.png").write_bytes(b"not an image")
-    ds = build_dataset(DataConfig(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
+    ds = build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
     assert len(find_bad_files(ds, 0)) == SHOWN + 3
     with pytest.raises(DataError) as e:
         verify_dataset(ds, 0)

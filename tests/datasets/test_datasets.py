@@ -34,7 +34,7 @@ def synth(tmp_path_factory) -> str:
 def data_cfg(root: str, **kw) -> DataConfig:
     base = dict(dataset="cityscapes", root=root, crop_size=(32, 40), batch_size=2, val_batch_size=2, num_workers=0)
     base.update(kw)
-    return DataConfig(**base)
+    return DataConfig.make(**base)
 
 
 def copy_tree(src: str, dst) -> str:
@@ -327,7 +327,7 @@ def test_workers_do_not_change_the_data(synth):
     cfg = data_cfg(synth)
     ds = build_dataset(cfg, "train", train=True)
     inline = list(build_loader(ds, cfg, train=True, seed=2))
-    workers = list(build_loader(ds, dataclasses.replace(cfg, num_workers=2), train=True, seed=2))
+    workers = list(build_loader(ds, cfg.updated(num_workers=2), train=True, seed=2))
     assert len(inline) == len(workers) == 4
     for a, b in zip(inline, workers):
         assert a["name"] == b["name"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])

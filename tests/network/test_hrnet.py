@@ -16,10 +16,10 @@ import network.hrnet as hrnet
 from network import build_model
 from network.hrnet import BilinearFuseModule, HRNetTrunk
 from network.ocr import OCRBlock
+from tests.fixtures import tiny_options
 
 # The original's key lists: vendored under tests/data/keys, else the shared copy.
 KEYS_DIRS = (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "keys"), "/work/shared/reference/keys")
-SMALL = {"trunk": "hrnet_w18_small", "mid_ch": 32, "key_ch": 16}
 
 
 def read_key_file(name: str) -> list[dict]:
@@ -266,7 +266,7 @@ def test_ocr_block_matches_the_formulas():
 @pytest.mark.slow
 def test_mscale_training_outputs_fuse_pred_and_aux():
     torch.manual_seed(0)
-    model = build_model("hmsa_ocrnet_hrnet_w48", 7, **SMALL, attn_ch=16).train()
+    model = build_model("hmsa_ocrnet_hrnet_w48", 7, **tiny_options("hmsa_ocrnet_hrnet_w48")).train()
     out = model(torch.randn(2, 3, 64, 80))
     shapes = {k: tuple(v.shape) for k, v in out.items()}
     assert shapes == {
@@ -289,7 +289,7 @@ def test_mscale_training_outputs_fuse_pred_and_aux():
 @pytest.mark.slow
 def test_mscale_nscale_inference_shapes():
     torch.manual_seed(0)
-    model = build_model("hmsa_ocrnet_hrnet_w48", 7, **SMALL, attn_ch=16).eval()
+    model = build_model("hmsa_ocrnet_hrnet_w48", 7, **tiny_options("hmsa_ocrnet_hrnet_w48")).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 67, 91), scales=[0.25, 0.5, 1.0, 2.0])
     sizes = {0.25: (16, 22), 0.5: (33, 45), 1.0: (67, 91), 2.0: (134, 182)}
@@ -301,7 +301,7 @@ def test_mscale_nscale_inference_shapes():
 
 @pytest.mark.slow
 def test_single_scale_outputs_pred_and_aux_at_input_size():
-    model = build_model("ocrnet_hrnet_w48", 7, **SMALL)
+    model = build_model("ocrnet_hrnet_w48", 7, **tiny_options("ocrnet_hrnet_w48"))
     assert not hasattr(model, "scale_attn")
     for train in (True, False):
         model.train(train)

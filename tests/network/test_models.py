@@ -8,41 +8,56 @@ import torch.nn.functional as F
 from torch import nn
 
 import network
-from network.mscale import MscaleBase, check_scales
+from network.attnscale import ExplicitBase
+from network.layers import scaled_size
+from network.mscale import MscaleBase, check_scales, scale_key
+from tests.fixtures import model_family, tiny_options
 
-TINY = {"trunk": "resnet18", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16}
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "keys")
+# The hierarchical multi-scale models (those with the attention-head BatchNorm option).
+MSCALE_MODELS = sorted(n for n in network.list_models() if "attn_bn_stats" in network.model_options(n))
+# The maps each model family outputs: HRNet-OCR adds its auxiliary head's 'aux' to 'pred'.
+FAMILY_MAPS = {"deeplab": ("pred",), "ocrnet": ("pred", "aux")}
 
 
-def tiny_options(name: str) -> dict:
-    opts = dict(TINY)
-    if "hmsa" in name:
-        opts["attn_ch"] = 16
-    valid = network.model_options(name)
-    return {k: v for k, v in opts.items() if k in valid}
+def expected_shapes(model: nn.Module, maps: tuple[str, ...], n: int, k: int, h: int, w: int) -> dict:
+    """Output name -> shape for an [n, 3, h, w] batch: the fused maps at the input size; a multi-scale model adds
+    each scale's maps at that scale's size and each scale's attention (hierarchical: at the scale's size, the
+    unused 1.0x one skipped in training; explicit: at the input size, the trained scale set in both modes)."""
+    out = {m: (n, k, h, w) for m in maps}
+    if isinstance(model, MscaleBase):
+        scales = (model.lo_scale, 1.0)
+        attn = {s: scaled_size(h, w, s) for s in (scales[:1] if model.training else scales)}
+    elif isinstance(model, ExplicitBase):
+        scales = model.scales
+        attn = {s: (h, w) for s in scales}
+    else:
+        return out
+    for s in scales:
+        out.update({scale_key(m, s): (n, k, *scaled_size(h, w, s)) for m in maps})
+    out.update({scale_key("attn", s): (n, 1, *size) for s, size in attn.items()})
+    return out
 
 
-DEEPLAB_MODELS = ["deeplabv3plus", "hmsa_deeplabv3plus"]
-
-
-@pytest.mark.parametrize("name", DEEPLAB_MODELS)
+@pytest.mark.parametrize("name", network.list_models())
 @pytest.mark.slow
-def test_forward_backward_and_keys(name):
+def test_every_model_runs_forward_and_backward_in_training_and_evaluation(name):
     torch.manual_seed(0)
     model = network.build_model(name, 5, **tiny_options(name))
+    maps = FAMILY_MAPS[model_family(name)]
     x = torch.randn(2, 3, 64, 96)
     model.train()
     out = model(x)
-    expected = {"pred"} if "hmsa" not in name else {"pred", "pred_0.5x", "pred_1.0x", "attn_0.5x"}
-    assert set(out) == expected
-    assert out["pred"].shape == (2, 5, 64, 96)
-    out["pred"].sum().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert {k: tuple(v.shape) for k, v in out.items()} == expected_shapes(model, maps, 2, 5, 64, 96)
+    sum(out[m].sum() for m in maps).backward()
+    missing = [k for k, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, missing[:5]
     model.eval()
     with torch.no_grad():
         ev = model(x)
-    assert ev["pred"].shape == (2, 5, 64, 96)
+    assert {k: tuple(v.shape) for k, v in ev.items()} == expected_shapes(model, maps, 2, 5, 64, 96)
+    assert all(torch.isfinite(v).all() for v in ev.values())
 
 
 @pytest.mark.slow
@@ -91,8 +106,8 @@ def test_resnet_trunk_dilation_pattern():
 
 @pytest.mark.slow
 def test_generic_timm_trunk():
-    model = network.build_model("hmsa_deeplabv3plus", 4, trunk="mobilenetv3_small_050", aspp_ch=8, fine_ch=8,
-                                head_ch=8, attn_ch=8)
+    model = network.build_model("hmsa_deeplabv3plus", 4, **tiny_options("hmsa_deeplabv3plus",
+                                                                        trunk="mobilenetv3_small_050"))
     out = model.eval()(torch.randn(1, 3, 64, 64), scales=[0.5, 1.0])
     assert out["pred"].shape == (1, 4, 64, 64)
 
@@ -203,20 +218,14 @@ def test_imagenet_resnet_file_loads_into_the_trunk(tmp_path):
 
 # ------------------------------------------------------------------------ attention-head BatchNorm statistics
 
-# Tiny widths of every registered multi-scale model (a new one must be added here: the test below says so).
-TINY_MSCALE = {
-    "hmsa_deeplabv3plus": {"trunk": "resnet10t", "aspp_ch": 16, "fine_ch": 8, "head_ch": 16, "attn_ch": 16},
-    "hmsa_ocrnet_hrnet_w48": {"trunk": "hrnet_w18_small", "mid_ch": 16, "key_ch": 8, "attn_ch": 16},
-}
 MOMENTUM = 0.1  # every BatchNorm of the original (BN_MOMENTUM, torch's default)
 
 
-def test_every_multiscale_model_is_covered():
+def test_every_model_has_tiny_options():
     for name in network.list_models():
-        is_mscale = "attn_bn_stats" in network.model_options(name)
-        assert is_mscale == (name in TINY_MSCALE), name
-    for name, opts in TINY_MSCALE.items():
-        assert isinstance(network.build_model(name, 3, **opts), MscaleBase)
+        assert tiny_options(name), name  # raises for a model of a family without a row in tests/fixtures.py
+    for name in MSCALE_MODELS:
+        assert isinstance(network.build_model(name, 3, **tiny_options(name)), MscaleBase)
 
 
 def original_fwd(model, x):
@@ -260,14 +269,14 @@ def train_step(model, x, seed=1):
     return out, grads
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+@pytest.mark.parametrize("name", MSCALE_MODELS)
 @pytest.mark.slow
 def test_training_step_bn_statistics_match_the_originals_two_scale_forward(name):
     """attn_bn_stats='both' (the default): after one training step every BatchNorm, the attention head's
     included, holds the running statistics of the original's two-scale forward: the whole 0.5x `_fwd`, then
     the whole 1.0x `_fwd` with its (unused) attention."""
     torch.manual_seed(0)
-    model = network.build_model(name, 5, **TINY_MSCALE[name]).train()
+    model = network.build_model(name, 5, **tiny_options(name)).train()
     assert model.attn_bn_stats == "both"
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 48, 40)
@@ -301,7 +310,7 @@ def test_training_step_bn_statistics_match_the_originals_two_scale_forward(name)
             assert not torch.allclose(bns[k].running_mean.double(), wrong, rtol=1e-5, atol=1e-6), k
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MSCALE))
+@pytest.mark.parametrize("name", MSCALE_MODELS)
 @pytest.mark.slow
 def test_attn_bn_stats_changes_only_the_heads_running_statistics(name):
     """'both' and 'low' give bit-identical outputs and gradients; only the attention head's running statistics
@@ -309,7 +318,7 @@ def test_attn_bn_stats_changes_only_the_heads_running_statistics(name):
     models = []
     for mode in ("both", "low"):
         torch.manual_seed(0)
-        models.append(network.build_model(name, 5, **TINY_MSCALE[name], attn_bn_stats=mode).train())
+        models.append(network.build_model(name, 5, **tiny_options(name, attn_bn_stats=mode)).train())
     ref = copy.deepcopy(models[1])
     x = torch.randn(2, 3, 48, 40)
     (out_both, g_both), (out_low, g_low) = (train_step(m, x) for m in models)
@@ -336,4 +345,4 @@ def test_attn_bn_stats_changes_only_the_heads_running_statistics(name):
 
 def test_attn_bn_stats_option_is_checked():
     with pytest.raises(ValueError, match="attn_bn_stats must be one of both, low, got 'high'"):
-        network.build_model("hmsa_deeplabv3plus", 3, **TINY_MSCALE["hmsa_deeplabv3plus"], attn_bn_stats="high")
+        network.build_model("hmsa_deeplabv3plus", 3, **tiny_options("hmsa_deeplabv3plus", attn_bn_stats="high"))

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from network import build_model
+from tests.fixtures import tiny_options
 from utils.checkpoint import CheckpointError, load_checkpoint, load_trunk_weights
 
-SMALL = {"trunk": "hrnet_w18_small", "mid_ch": 32, "key_ch": 16}
 CLASS_HEADS = {"ocr.cls_head.weight", "ocr.cls_head.bias", "ocr.aux_head.2.weight", "ocr.aux_head.2.bias"}
 SCALE_ATTN = {
     f"scale_attn.{m}.{p}"
@@ -22,9 +22,8 @@ SCALE_ATTN = {
 
 def small_model(arch: str, num_classes: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    options = dict(SMALL, attn_ch=16) if "Mscale" in arch else dict(SMALL)
     name = {"ocrnet.HRNet": "ocrnet_hrnet_w48", "ocrnet.HRNet_Mscale": "hmsa_ocrnet_hrnet_w48"}[arch]
-    model = build_model(name, num_classes, **options)
+    model = build_model(name, num_classes, **tiny_options(name))
     with torch.no_grad():  # trained-looking weights: nothing equals a fresh init by chance
         for t in model.state_dict().values():
             if t.is_floating_point():
@@ -124,7 +123,7 @@ def test_mscale_snapshot_into_single_scale_ignores_the_attention_head(tmp_path):
 @pytest.mark.slow
 def test_another_architectures_snapshot_is_an_error(tmp_path):
     torch.manual_seed(0)
-    other = build_model("hmsa_deeplabv3plus", 19, trunk="resnet18", aspp_ch=16, fine_ch=8, head_ch=16, attn_ch=8)
+    other = build_model("hmsa_deeplabv3plus", 19, **tiny_options("hmsa_deeplabv3plus"))
     path = tmp_path / "mscale.DeepV3R50.pth"
     save_original_format(other, path, "mscale.DeepV3R50", 19)
     model = small_model("ocrnet.HRNet_Mscale", 19, seed=1)

@@ -15,18 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import tiny_run
 from tests.slurm_cluster import SlurmCluster, missing_binaries
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = [
-    "data.synthetic.num_train=8", "data.synthetic.num_val=2", "data.synthetic.height=64",
-    "data.synthetic.width=128", "data.crop_size=[64,64]", "data.batch_size=2", "data.val_batch_size=1",
-    "data.num_workers=0", "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
-    "model.norm=syncbn", "train.log_interval=1", "eval.scales=[0.5,1.0]", "eval.num_dump=1",
-]
+# The tiny run with two images per task, SyncBN across the tasks, and the defaults' checkpoint interval.
+TINY = tiny_run({"data.batch_size": 2, "data.val_batch_size": 1, "model.norm": "syncbn", "train.ckpt_interval": None})
 # The scripts' headers ask for 8 GPUs and 8 CPUs per node; this node has 2 of each.
 TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
 
@@ -82,7 +79,7 @@ def test_train_sbatch_trains_the_demo_with_two_tasks(cluster, data, tmp_path):
     out = tmp_path / "job.out"
     job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
                  f"data.root={data}", "train.max_iter=4", "train.ckpt_interval=2",
-                 f"train.output_dir={tmp_path}/runs", "train.run_name=demo")
+                 f"run.output_dir={tmp_path}/runs", "run.name=demo")
     info = cluster.wait_job(job, timeout=240)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), fail_text(cluster, out)
     run = tmp_path / "runs" / "demo"
@@ -103,7 +100,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_p
     planned = 16
     job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
                  f"data.root={data}", f"train.max_iter={planned}", "train.ckpt_interval=100", "eval.num_dump=0",
-                 f"train.output_dir={tmp_path}/runs", "train.run_name=preempt")
+                 f"run.output_dir={tmp_path}/runs", "run.name=preempt")
     end = time.time() + 180
     while len(train_rows(run)) < 2:
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)
@@ -133,7 +130,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_p
 def test_eval_sbatch_and_a_scale_set_array(cluster, data, tmp_path):
     run = tmp_path / "runs" / "r"
     train = submit(cluster, "train.sbatch", tmp_path / "train.out", *TINY, f"data.root={data}", "train.max_iter=2",
-                   f"train.output_dir={tmp_path}/runs", "train.run_name=r", options=("--ntasks-per-node=1",))
+                   f"run.output_dir={tmp_path}/runs", "run.name=r", options=("--ntasks-per-node=1",))
     info = cluster.wait_job(train, timeout=240)
     assert info["JobState"] == "COMPLETED", fail_text(cluster, tmp_path / "train.out")
 

@@ -231,9 +231,9 @@ def test_jitter_strength():
     image = sample_image(np.random.default_rng(1))
     assert ColorJitter(0.0).draw(np.random.default_rng(0)) == []
     assert ColorJitter(0.0)(image, np.random.default_rng(0)) is image
-    with pytest.raises(ValueError, match=r"data\.color_aug.*\[0, 0\.5\].*0\.7"):
+    with pytest.raises(ValueError, match=r"data\.augment\.color_jitter.*\[0, 0\.5\].*0\.7"):
         ColorJitter(0.7)
-    with pytest.raises(ValueError, match=r"data\.color_aug"):
+    with pytest.raises(ValueError, match=r"data\.augment\.color_jitter"):
         OpenCVColorJitter(-0.1)
 
 
@@ -308,25 +308,25 @@ def test_gaussian_blur_draws():
 
 
 def test_photometric_key_picks_the_implementations():
-    cfg = DataConfig(crop_size=(32, 48))
-    assert cfg.photometric == "original"
+    cfg = DataConfig.make(crop_size=(32, 48))
+    assert cfg.augment.photometric == "original"
 
     def kinds(c: DataConfig) -> list[type]:
         return [type(t) for t in build_transforms(c, True, IGNORE).photometric]
 
     assert kinds(cfg) == [ColorJitter, GaussianBlur]
-    assert kinds(dataclasses.replace(cfg, photometric="opencv")) == [OpenCVColorJitter, OpenCVGaussianBlur]
-    assert kinds(dataclasses.replace(cfg, photometric="opencv", bblur=True)) == [OpenCVColorJitter, BilateralBlur]
-    assert kinds(dataclasses.replace(cfg, color_aug=0.0, gblur=False)) == []
-    assert from_dict({"data": {"photometric": "opencv"}}).data.photometric == "opencv"
-    with pytest.raises(ConfigError, match=r"data\.photometric: expected one of \['original', 'opencv'\]"):
+    assert kinds(cfg.updated(photometric="opencv")) == [OpenCVColorJitter, OpenCVGaussianBlur]
+    assert kinds(cfg.updated(photometric="opencv", bilateral_blur=True)) == [OpenCVColorJitter, BilateralBlur]
+    assert kinds(cfg.updated(color_jitter=0.0, gaussian_blur=False)) == []
+    assert from_dict({"data": {"photometric": "opencv"}}).data.augment.photometric == "opencv"
+    with pytest.raises(ConfigError, match=r"data\.augment\.photometric: expected one of \['original', 'opencv'\]"):
         from_dict({"data": {"photometric": "pil"}})
 
 
 def test_original_pipeline_output_is_the_ops_on_the_crop():
     """The default training pipeline's image is ColorJitter then GaussianBlur of the jointly transformed crop,
     with the draws in that order from the same generator."""
-    cfg = DataConfig(crop_size=(32, 48), hflip=False)
+    cfg = DataConfig.make(crop_size=(32, 48), hflip=False)
     image = sample_image(np.random.default_rng(4), 60, 90)
     mask = np.zeros((60, 90), np.uint8)
     full = build_transforms(cfg, True, IGNORE)

@@ -93,7 +93,7 @@ def test_small_image_is_padded_with_zero_and_ignore():
 def test_pre_size_scales_the_long_edge():
     image, mask = blocks(60, 90)
     # s ~ U(1, 1) * 180 / 90: the scaled image is 120x180, larger than the crop, so nothing is padded.
-    t = RandomScaleCrop((100, 170), 1.0, 1.0, pre_size=180, ignore_index=IGNORE)
+    t = RandomScaleCrop((100, 170), 1.0, 1.0, long_edge=180, ignore_index=IGNORE)
     out, out_mask = t(image, mask, np.random.default_rng(0))
     assert (out_mask != IGNORE).all()
     assert_aligned(out, out_mask)
@@ -187,7 +187,7 @@ def test_normalize():
 
 
 def test_build_transforms_train_and_val():
-    cfg = DataConfig(crop_size=(32, 48))
+    cfg = DataConfig.make(crop_size=(32, 48))
     image, mask = blocks()
     train = build_transforms(cfg, train=True, ignore_index=IGNORE)
     img_t, mask_t = train(image, mask, np.random.default_rng(0))
@@ -196,9 +196,9 @@ def test_build_transforms_train_and_val():
     val = build_transforms(cfg, train=False, ignore_index=IGNORE)
     img_v, mask_v = val(image, mask)
     assert img_v.shape == (3, 60, 90) and torch.equal(mask_v, torch.from_numpy(mask.astype(np.int64)))
-    sized = build_transforms(dataclasses.replace(cfg, eval_size=45), train=False, ignore_index=IGNORE)
+    sized = build_transforms(cfg.updated(eval_size=45), train=False, ignore_index=IGNORE)
     assert sized(image, mask)[0].shape == (3, 30, 45)
-    assert build_transforms(dataclasses.replace(cfg, eval_size=45, eval_native_labels=True), False, IGNORE)(
+    assert build_transforms(cfg.updated(eval_size=45, eval_native_labels=True), False, IGNORE)(
         image, mask)[1].shape == (60, 90)
 
 
@@ -206,9 +206,9 @@ def test_photometric_ops_do_not_move_the_mask():
     """Same seed with and without jitter/blur: the geometric draws come first, so the masks are identical, and
     the unnormalised image stays aligned with its mask."""
     image, mask = blocks(seed=5)
-    cfg = DataConfig(crop_size=(40, 56))
+    cfg = DataConfig.make(crop_size=(40, 56))
     full = build_transforms(cfg, True, IGNORE)
-    plain = build_transforms(dataclasses.replace(cfg, color_aug=0.0, gblur=False), True, IGNORE)
+    plain = build_transforms(cfg.updated(color_jitter=0.0, gaussian_blur=False), True, IGNORE)
     for seed in range(5):
         _, m1 = full(image, mask, np.random.default_rng(seed))
         x2, m2 = plain(image, mask, np.random.default_rng(seed))
@@ -254,13 +254,13 @@ def test_randaugment_colour_ops_leave_the_mask(op):
 
 
 def test_randaugment_in_build_transforms():
-    cfg = DataConfig(crop_size=(32, 48), rand_augment=(2, 15))
+    cfg = DataConfig.make(crop_size=(32, 48), rand_augment=(2, 15))
     t = build_transforms(cfg, True, IGNORE)
     assert any(type(j).__name__ == "RandAugment" for j in t.joint)
     image, mask = blocks()
     x, m = t(image, mask, np.random.default_rng(0))
     assert x.shape == (3, 32, 48) and m.shape == (32, 48)
     with pytest.raises(ValueError, match="RandAugment"):
-        build_transforms(DataConfig(rand_augment=(2, 40)), True, IGNORE)
+        build_transforms(DataConfig.make(rand_augment=(2, 40)), True, IGNORE)
     with pytest.raises(ValueError, match="rand_augment"):
-        build_transforms(DataConfig(rand_augment=(2,)), True, IGNORE)
+        build_transforms(DataConfig.make(rand_augment=(2,)), True, IGNORE)

@@ -360,33 +360,35 @@ def test_center_crop_pad_portrait_by_hand():
 
 
 def test_build_transforms_options():
-    cfg = DataConfig(crop_size=(32, 48))
+    cfg = DataConfig.make(crop_size=(32, 48))
     crop = build_transforms(cfg, True, IGNORE).joint[0]
     assert (crop.resample, crop.placement) == ("pil", "original")
-    crop = build_transforms(dataclasses.replace(cfg, resample="opencv", crop_placement="uniform"), True,
+    crop = build_transforms(cfg.updated(resample="opencv", crop_placement="uniform"), True,
                             IGNORE).joint[0]
     assert (crop.resample, crop.placement) == ("opencv", "uniform")
-    val = build_transforms(dataclasses.replace(cfg, eval_size=45, resample="opencv"), False, IGNORE)
+    val = build_transforms(cfg.updated(eval_size=45, resample="opencv"), False, IGNORE)
     assert [type(j).__name__ for j in val.joint] == ["ResizeLongEdge"] and val.joint[0].resample == "opencv"
-    crop_val = build_transforms(dataclasses.replace(cfg, eval_size=45, map_crop_val=True), False, IGNORE)
+    crop_val = build_transforms(cfg.updated(eval_size=45, map_crop_val=True), False, IGNORE)
     assert [type(j).__name__ for j in crop_val.joint] == ["ResizeHeight", "CenterCropPad"]
     image = random_image(np.random.default_rng(0), 60, 90)
     x, m = crop_val(image, np.zeros((60, 90), np.uint8))
     assert x.shape == (3, 45, 45) and m.shape == (45, 45)
     with pytest.raises(ValueError, match="map_crop_val needs data.eval_size"):
-        build_transforms(dataclasses.replace(cfg, map_crop_val=True), False, IGNORE)
+        build_transforms(cfg.updated(map_crop_val=True), False, IGNORE)
     with pytest.raises(ValueError, match="eval_native_labels"):
-        build_transforms(dataclasses.replace(cfg, eval_size=45, map_crop_val=True, eval_native_labels=True),
+        build_transforms(cfg.updated(eval_size=45, map_crop_val=True, eval_native_labels=True),
                          False, IGNORE)
 
 
 def test_config_keys():
-    cfg = from_dict({"data": {"resample": "opencv", "crop_placement": "uniform", "map_crop_val": True}})
-    assert (cfg.data.resample, cfg.data.crop_placement, cfg.data.map_crop_val) == ("opencv", "uniform", True)
+    cfg = from_dict({"data": {"resample": "opencv", "crop_placement": "uniform", "map_crop_val": True, "eval_size": 45}})
+    assert (cfg.data.resample, cfg.data.augment.crop_placement, cfg.data.map_crop_val) == ("opencv", "uniform", True)
     with pytest.raises(ConfigError, match=r"data\.resample: expected one of \['pil', 'opencv'\]"):
         from_dict({"data": {"resample": "cubic"}})
-    with pytest.raises(ConfigError, match=r"data\.crop_placement"):
+    with pytest.raises(ConfigError, match=r"data\.augment\.crop_placement"):
         from_dict({"data": {"crop_placement": "centre"}})
+    with pytest.raises(ConfigError, match=r"data\.map_crop_val needs data\.eval_size"):  # at load, before any work
+        from_dict({"data": {"map_crop_val": True}})
 
 
 # ---------------------------------------------------------------------------------------------- RandAugment

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 import train as train_script
-from network.layers import CpuSyncBatchNorm
+from network.layers import CpuSyncBatchNorm, sync_batchnorm
+from tests.fixtures import TINY_MODEL, tiny_run
 from utils.checkpoint import checkpoint_paths, read_checkpoint
 from utils.cli import run_cli
 from utils.runtime import dist as udist
@@ -32,19 +33,13 @@ pytestmark = pytest.mark.dist
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = {"trunk": "resnet18", "aspp_ch": 8, "fine_ch": 8, "head_ch": 8, "attn_ch": 8}
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def overrides(root: Path, run: str, max_iter: int, *extra: str) -> list[str]:
-    return [
-        f"data.root={root}/data", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
-        "data.synthetic.height=64", "data.synthetic.width=128", "data.crop_size=[64,64]",
-        "data.val_batch_size=1", "data.num_workers=0",
-        "model.options={trunk: resnet18, aspp_ch: 8, fine_ch: 8, head_ch: 8, attn_ch: 8}",
-        f"train.max_iter={max_iter}", "train.log_interval=1", f"train.output_dir={root}/runs",
-        f"train.run_name={run}", "eval.scales=[0.5,1.0]", "eval.num_dump=0", *extra,
-    ]
+    """The tiny run at the defaults' batch size and checkpoint interval, without dumps."""
+    changes = {"data.batch_size": None, "data.val_batch_size": 1, "train.ckpt_interval": None, "eval.num_dump": 0}
+    return tiny_run(changes, root=root, run=run, max_iter=max_iter) + list(extra)
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +194,12 @@ def test_sync_batchnorm_conversion_keeps_state_and_refuses_subclasses():
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     net[1].running_mean.fill_(0.5)
-    converted = udist.sync_batchnorm(net, torch.device("cpu"))
+    converted = sync_batchnorm(net, torch.device("cpu"))
     assert isinstance(converted[1], CpuSyncBatchNorm)
     assert torch.equal(converted[1].running_mean, torch.full((4,), 0.5))
     assert list(converted.state_dict()) == list(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict())
     with pytest.raises(ValueError, match="BNAct"):
-        udist.sync_batchnorm(nn.Sequential(BNAct(4)), torch.device("cpu"))
+        sync_batchnorm(nn.Sequential(BNAct(4)), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------------------------- torchrun
@@ -347,14 +342,14 @@ def test_a_dead_rank_stops_the_others_at_once_with_a_clear_message():
 
 
 def test_a_hung_rank_stops_the_others_after_train_dist_timeout(data_root):
-    args = overrides(data_root, "fault_hang", 6, "model.norm=syncbn", "data.batch_size=2", "train.dist_timeout=5",
+    args = overrides(data_root, "fault_hang", 6, "model.norm=syncbn", "data.batch_size=2", "run.dist_timeout=5",
                      "train.ckpt_interval=100")
     procs = launch_ranks([sys.executable, *worker_cmd("train", "at=hang:1:2", "--", *args)])
     out, _ = finish(procs, timeout=120)
     assert procs[0].returncode == 2, out[-3000:]
     # rank 1 sleeps after step 2; rank 0 waits in the next collective for 5 s, then stops
     assert "error: rank 0/2: a collective operation failed" in out and "Timed out waiting 5000ms" in out, out[-3000:]
-    assert "train.dist_timeout = 5 s" in out and "Traceback" not in out.split("error: rank 0/2")[-1]
+    assert "run.dist_timeout = 5 s" in out and "Traceback" not in out.split("error: rank 0/2")[-1]
     assert "] 2/6 " in out and "] 3/6 " not in out
 
 
@@ -459,7 +454,7 @@ def test_channels_last_bf16_accumulation_and_compile_are_applied(tmp_path, monke
 
     monkeypatch.setattr(train_script, "train_step", spy)
     train_script.main(overrides(tmp_path, "r", 2, "data.batch_size=2", "train.accum_steps=2", "train.compile=true",
-                                "train.channels_last=true", "train.precision=bf16"))
+                                "run.channels_last=true", "run.precision=bf16"))
     assert len(compiled) == 1
     assert seen["channels_last"] and seen["channels_last_weights"] and seen["accum_steps"] == 2
     state = read_checkpoint(str(tmp_path / "runs" / "r" / "ckpt_00000002.pth"))["state"]
@@ -522,9 +517,9 @@ def _worker_syncbn(out: str) -> None:
     torch.manual_seed(0)
     # float64, so that the comparison is not drowned in float32 rounding (which the ASPP image-pooling BN over
     # 4 values amplifies to ~1e-4 of the gradient); the loss itself still runs in float32.
-    ref = network.build_model("hmsa_deeplabv3plus", 19, **TINY).train().double()
+    ref = network.build_model("hmsa_deeplabv3plus", 19, **TINY_MODEL).train().double()
     local = copy.deepcopy(ref)
-    net = udist.sync_batchnorm(copy.deepcopy(ref), info.device)
+    net = sync_batchnorm(copy.deepcopy(ref), info.device)
     g = torch.Generator().manual_seed(1)
     images = torch.randn(4, 3, 64, 64, generator=g, dtype=torch.float64)
     target = torch.randint(0, 19, (4, 64, 64), generator=g)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from network.mscale import MscaleBase
-from tests.eval_fixtures import tiny_model
+from tests.fixtures import tiny_model
 from utils.engine import evaluate, predict
 from utils.inference import Combo, Inference, MultiScalePass, scale_outputs, sweep_combos, window_starts
 from utils.evaluation.metrics import confusion_matrix

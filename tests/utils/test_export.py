@@ -5,7 +5,7 @@ import os
 import onnx
 import pytest
 
-from tests.eval_fixtures import make_setup
+from tests.fixtures import make_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,8 @@ low), so [0.5, 1.0, 2.0] and [0.25, 0.5, 1.0, 2.0] share their first three links
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,14 @@ import torch
 from torch import nn
 
 from network.layers import rescale, resize
+from network.attnscale import ExplicitBase
 from network.mscale import FUSION_RULES, MscaleBase, check_scales, fuse_step, scale_key
+from utils.runtime.precision import autocast
 
 from .window import Maps, check_window, sliding_forward
+
+
+FALLBACKS = ("exact", "any")  # eval.memory_fallback: exact schedules only, or approximate ones too
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -27,8 +33,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def has_attention(model: nn.Module) -> bool:
-    """Whether the model predicts per-scale attention (a hierarchical multi-scale attention model)."""
-    return isinstance(unwrap(model), MscaleBase)
+    """Whether the model predicts per-scale attention (hierarchical, or explicit over its fixed scale set)."""
+    return isinstance(unwrap(model), (MscaleBase, ExplicitBase))
 
 
 def resolve_fusion(model: nn.Module, fusion: str | None) -> str:
@@ -110,6 +116,12 @@ class Inference:
     sweep_sets: tuple[tuple[float, ...], ...] = ()  # eval.scale_sets: also evaluated in the same pass
     sweep_fusions: tuple[str, ...] = FUSION_RULES
     sweep_flips: tuple[bool, ...] = (False, True)
+    # Memory (utils/inference/memory.py): the budget in bytes (None: the CUDA device's free memory, no limit on
+    # other devices), whether approximate schedules may be chosen ('any') or only exact ones ('exact'), and a
+    # schedule to use whatever the budget (None: planned; tests and benchmarks force one).
+    memory_budget: int | None = None
+    memory_fallback: str = "exact"
+    schedule: "Schedule | None" = None
 
     @classmethod
     def make(
@@ -123,44 +135,69 @@ class Inference:
         sweep_sets: Iterable[Sequence[float]] = (),
         sweep_fusions: Sequence[str] = FUSION_RULES,
         sweep_flips: Sequence[bool] = (False, True),
+        memory_budget: int | str | None = None,
+        memory_fallback: str = "exact",
+        schedule: "Schedule | None" = None,
     ) -> "Inference":
+        from .memory import parse_bytes  # memory.py imports this module
+
         fusion = fusion or "attention"
         if fusion not in FUSION_RULES:
             raise ValueError(f"eval.fusion must be one of {', '.join(FUSION_RULES)}, got {fusion!r}")
+        if memory_fallback not in FALLBACKS:
+            raise ValueError(f"eval.memory_fallback must be one of {', '.join(FALLBACKS)}, got {memory_fallback!r}")
         sets = tuple(tuple(check_scales(list(s))) for s in sweep_sets)
         return cls(tuple(check_scales(list(scales))), fusion, bool(flip), check_window(window, overlap),
-                   float(overlap), precision, sets, tuple(sweep_fusions), tuple(bool(f) for f in sweep_flips))
+                   float(overlap), precision, sets, tuple(sweep_fusions), tuple(bool(f) for f in sweep_flips),
+                   parse_bytes(memory_budget), memory_fallback, schedule)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Inference":
         """The inference of a Config: eval.* and the shared precision."""
         e = cfg.eval
-        return cls.make(e.scales, e.fusion, e.flip, e.window, e.overlap, cfg.train.precision, e.scale_sets,
-                        e.sweep_fusions, e.sweep_flips)
+        return cls.make(e.scales, e.fusion, e.flip, e.window, e.overlap, cfg.run.precision, e.scale_sets,
+                        e.sweep_fusions, e.sweep_flips, e.memory_budget, e.memory_fallback)
 
     def combo(self, model: nn.Module) -> "Combo":
         """The evaluated (scales, fusion, flip) for `model` (attention falls back to averaging without attention)."""
+        check_explicit(model, self)
         return Combo.make(self.scales, resolve_fusion(model, self.fusion), self.flip)
 
     def sweep(self, model: nn.Module) -> list["Combo"]:
         """The sweep's combinations (with single scale as the reference row), or [] without eval.scale_sets."""
         if not self.sweep_sets:
             return []
+        check_explicit(model, self)
         return sweep_combos(list(self.sweep_sets) + [[1.0]], self.sweep_fusions, self.sweep_flips, model)
+
+    def run(
+        self, model: nn.Module, images: torch.Tensor, combos: Sequence[Combo], keep: Iterable[float] = ()
+    ) -> "MultiScalePass | ScheduledPass":
+        """The network over `images` for every combination of `combos` (and the per-scale maps of the scales
+        `keep`, for dumps), under `schedule`, or under the cheapest schedule whose planned peak fits the memory
+        budget (logged; a clear error when none may be used). Run it under the autocast of `precision`."""
+        schedule = self.schedule
+        if schedule is None:
+            from .memory import choose_schedule
+
+            schedule = choose_schedule(model, images, combos, keep, self)
+        if schedule == UNCONSTRAINED:
+            scales = {s for c in combos for s in c.scales} | set(keep)
+            return MultiScalePass(model, images, scales, any(c.flip for c in combos), self.window, self.overlap)
+        return ScheduledPass(model, images, combos, schedule, keep, self.window, self.overlap)
 
 
 # ----------------------------------------------------------------------------------------------- per-scale passes
 
 
-def scale_outputs(
-    model: nn.Module,
-    images: torch.Tensor,
-    scales: Iterable[float],
-    window: tuple[int, int] | None = None,
-    overlap: float = 0.25,
-) -> dict[float, Maps]:
-    """{scale: {'pred': logits, 'attn': weight (attention models)}} at each scale's own resolution, in the dtype
-    the model produced (half under fp16/bf16 autocast: full-resolution maps of many classes are large)."""
+Forward = Callable[[torch.Tensor], Maps]  # one network pass: images -> {'pred'[, 'attn']} at their size
+
+
+def network_fn(model: nn.Module | Forward) -> Forward:
+    """The per-scale network pass of `model`: its 'pred' (and 'attn' for attention models) at the input's size.
+    A plain callable is taken as that pass already (the memory planner passes a stand-in)."""
+    if not isinstance(model, nn.Module):
+        return model
     net = unwrap(model)
     if isinstance(net, MscaleBase):
         def fn(x: torch.Tensor) -> Maps:
@@ -169,6 +206,19 @@ def scale_outputs(
     else:
         def fn(x: torch.Tensor) -> Maps:
             return {"pred": model(x)["pred"]}
+    return fn
+
+
+def scale_outputs(
+    model: nn.Module | Forward,
+    images: torch.Tensor,
+    scales: Iterable[float],
+    window: tuple[int, int] | None = None,
+    overlap: float = 0.25,
+) -> dict[float, Maps]:
+    """{scale: {'pred': logits, 'attn': weight (attention models)}} at each scale's own resolution, in the dtype
+    the model produced (half under fp16/bf16 autocast: full-resolution maps of many classes are large)."""
+    fn = network_fn(model)
     out = {}
     for s in scales:
         x = rescale(images, s)
@@ -185,7 +235,7 @@ class MultiScalePass:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Forward,
         images: torch.Tensor,
         scales: Iterable[float],
         flip: bool = False,
@@ -193,9 +243,13 @@ class MultiScalePass:
         overlap: float = 0.25,
     ) -> None:
         self.scales = tuple(check_scales(list(scales)))
+        self._cache: dict[tuple, torch.Tensor] = {}
+        if isinstance(unwrap(model), ExplicitBase):  # one forward runs every scale (see explicit_outputs)
+            self.outputs = explicit_outputs(model, images, self.scales, self._cache, False)
+            self.mirrored = explicit_outputs(model, images.flip(-1), self.scales, self._cache, True) if flip else None
+            return
         self.outputs = scale_outputs(model, images, self.scales, window, overlap)
         self.mirrored = scale_outputs(model, images.flip(-1), self.scales, window, overlap) if flip else None
-        self._cache: dict[tuple, torch.Tensor] = {}
 
     def _chain(self, mirrored: bool, prefix: tuple[float, ...]) -> torch.Tensor:
         key = ("attention", mirrored, prefix)
@@ -268,3 +322,220 @@ class MultiScalePass:
             for key, value in self.outputs[s].items():
                 out[scale_key(key, s)] = value
         return out
+
+
+# ------------------------------------------- explicit attention over a fixed scale set (network/attnscale.py)
+# Its forward runs every scale of its set itself and fuses them with weights predicted jointly: the fused map
+# exists for that one set only, so any other set, a sweep or a sliding window is refused before work starts.
+
+
+def check_explicit(model: nn.Module, how: "Inference") -> None:
+    """A one-line error when `how` asks an explicit-attention model for something other than its own scale set."""
+    net = unwrap(model)
+    if not isinstance(net, ExplicitBase):
+        return
+    net.check_eval_scales(how.scales)
+    if how.window is not None:
+        raise ValueError("eval.window: an explicit-attention model fuses whole images; set eval.window=[]")
+    if how.sweep_sets:
+        raise ValueError("eval.scale_sets: an explicit-attention model is evaluated at its own scale set only; "
+                         "set eval.scale_sets=[]")
+
+
+def explicit_outputs(model: nn.Module, images: torch.Tensor, scales: tuple[float, ...],
+                     cache: dict[tuple, torch.Tensor], mirrored: bool) -> dict[float, Maps]:
+    """Per-scale maps of one explicit forward; its fused 'pred' goes into `cache` as the set's attention fusion."""
+    unwrap(model).check_eval_scales(scales)
+    out = model(images)
+    cache[("attention", mirrored, scales)] = out["pred"]
+    return {s: {"pred": out[scale_key("pred", s)], "attn": out[scale_key("attn", s)]} for s in scales}
+
+
+# ----------------------------------------------------------------------------------------------- memory schedules
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a multi-scale pass spends memory (utils/inference/memory.py chooses one against eval.memory_budget).
+
+    The default is the unconstrained `MultiScalePass`: every scale's maps are kept until the fusions are read.
+    Exact schedules give the same bits as that pass, in less memory:
+    - `stream`: one scale at a time, each folded at once into one running accumulator per fused result (the
+      hierarchical chain, the running sum of 'average', the running maximum of 'max');
+    - `flip_apart`: the mirrored pass runs after the unmirrored one is complete (else scale by scale beside it);
+    - `chunk`: at most this many images per network pass (0: the whole batch);
+    - `host`: the accumulators, the fused results and the per-scale maps kept for dumps live in host memory and
+      visit the device only to be updated (a no-op when the device is the CPU).
+    Approximate ones (eval.memory_fallback=any): a sliding `window` at the scales >= `window_from`, and a lower
+    autocast `precision`.
+    """
+
+    stream: bool = False
+    flip_apart: bool = False
+    chunk: int = 0
+    host: bool = False
+    window: tuple[int, int] | None = None
+    window_from: float = 0.0
+    precision: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.window is None and self.precision is None
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.stream:
+            parts.append("one scale at a time")
+        if self.flip_apart:
+            parts.append("flip apart")
+        if self.chunk:
+            parts.append(f"{self.chunk} image{'s' if self.chunk > 1 else ''} per pass")
+        if self.host:
+            parts.append("maps in host memory")
+        if self.window is not None:
+            parts.append(f"window {self.window[0]}x{self.window[1]} at scales >= {self.window_from:g}")
+        if self.precision is not None:
+            parts.append(self.precision)
+        return ", ".join(parts) or "unconstrained"
+
+
+UNCONSTRAINED = Schedule()
+
+
+def _fold(rule: str, scale: float, out: Maps, acc: torch.Tensor | None, folds: int, size: torch.Size) -> torch.Tensor:
+    """`acc` with one more scale folded in, by the same operations in the same order as `MultiScalePass._fuse`
+    (so the same bits): `folds` scales are in `acc` already; `size` is the 1.0 (output) size."""
+    if rule == "attention":
+        return fuse_step(acc, scale, out["pred"], out["attn"])
+    if rule == "none":
+        return out["pred"]
+    resized = resize(out["pred"], size)
+    if acc is None:
+        return resized
+    if rule == "average":
+        return acc + resized if folds == 1 else acc.add_(resized)
+    return torch.maximum(acc, resized) if folds == 1 else torch.maximum(acc, resized, out=acc)
+
+
+class ScheduledPass:
+    """The fused logits of given combinations (and the per-scale maps of `keep`) under an exact or approximate
+    `Schedule`, read like a `MultiScalePass` (`logits`, `logits_many`, `maps`), but computed in the constructor:
+    a scale's maps are dropped as soon as every accumulator has taken them in."""
+
+    def __init__(
+        self,
+        model: nn.Module | Forward,
+        images: torch.Tensor,
+        combos: Iterable[Combo],
+        schedule: Schedule,
+        keep: Iterable[float] = (),
+        window: tuple[int, int] | None = None,
+        overlap: float = 0.25,
+        store: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        load: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.combos = list(dict.fromkeys(combos))
+        if not self.combos:
+            raise ValueError("a scheduled pass needs at least one combination")
+        self.schedule = schedule
+        self.keep = tuple(check_scales(list(keep))) if keep else ()
+        self.window, self.overlap = window, overlap
+        device = images.device
+        # The planner passes its own store/load to count host memory apart from device memory.
+        self._store = store or ((lambda t: t.to("cpu")) if schedule.host else (lambda t: t))
+        self._load = load or (lambda t: t.to(device))
+        fn = network_fn(model)
+        with autocast(schedule.precision, device) if schedule.precision else nullcontext():
+            n = images.shape[0]
+            chunk = schedule.chunk if 0 < schedule.chunk < n else n
+            if chunk == n:
+                self._results, self._maps = self._run(fn, images)
+            else:
+                self._results, self._maps = {}, {}
+                for i in range(0, n, chunk):
+                    results, maps = self._run(fn, images[i : i + chunk])
+                    self._gather(self._results, results, i, n)
+                    self._gather(self._maps, maps, i, n)
+                    del results, maps
+
+    @staticmethod
+    def _gather(into: dict, part: dict, start: int, total: int) -> None:
+        """Copy one chunk's tensors into full-batch tensors allocated where the chunk's are (device or host)."""
+        for key, value in part.items():
+            if key not in into:
+                into[key] = value.new_empty((total, *value.shape[1:]))
+            into[key][start : start + value.shape[0]] = value
+
+    def _forward(self, fn: Forward, x: torch.Tensor, scale: float) -> Maps:
+        s = self.schedule
+        if s.window is not None and scale >= s.window_from:
+            return sliding_forward(fn, x, s.window, self.overlap)
+        return sliding_forward(fn, x, self.window, self.overlap) if self.window else fn(x)
+
+    def _run(self, fn: Forward, images: torch.Tensor) -> tuple[dict, dict]:
+        groups: dict[tuple[tuple[float, ...], str], set[bool]] = {}
+        for c in self.combos:
+            groups.setdefault((c.scales, c.fusion), {False}).update({True} if c.flip else set())
+        scales = sorted({s for c in self.combos for s in c.scales} | set(self.keep), reverse=True)
+        mirrors = [False, True] if any(c.flip for c in self.combos) else [False]
+        if self.schedule.flip_apart:
+            order = [(m, s) for m in mirrors for s in scales]
+        else:
+            order = [(m, s) for s in scales for m in mirrors]
+        size = images.shape[-2:]
+        acc: dict[tuple, torch.Tensor] = {}
+        folds: dict[tuple, int] = {}
+        maps: dict[str, torch.Tensor] = {}
+        flipped = None
+        for mirrored, s in order:
+            if mirrored and flipped is None:
+                flipped = images.flip(-1)
+            out = self._forward(fn, rescale(flipped if mirrored else images, s), s)
+            for (set_scales, rule), wanted in groups.items():
+                if s not in set_scales or mirrored not in wanted or (rule == "none" and s != 1.0):
+                    continue
+                key = (set_scales, rule, mirrored)
+                prev = acc.get(key)
+                acc[key] = self._store(_fold(rule, s, out, None if prev is None else self._load(prev),
+                                             folds.get(key, 0), size))
+                folds[key] = folds.get(key, 0) + 1
+                del prev
+            if not mirrored and s in self.keep:
+                for k, v in out.items():
+                    maps[scale_key(k, s)] = self._store(v)
+            del out
+        for key in acc:
+            if key[1] == "average":
+                acc[key] = self._store(self._load(acc[key]).div_(folds[key]))
+        results: dict[Combo, torch.Tensor] = {}
+        for c in self.combos:
+            plain = acc[(c.scales, c.fusion, False)]
+            if c.flip:  # (mirrored fused, mirrored back + fused) / 2, as MultiScalePass._with_mirror
+                mirrored = self._load(acc[(c.scales, c.fusion, True)]).flip(-1)
+                results[c] = self._store(mirrored.add_(self._load(plain)).div_(2))
+                del mirrored
+            else:
+                results[c] = plain
+        return results, maps
+
+    def logits(self, combo: Combo) -> torch.Tensor:
+        """Fused logits [N, K, H, W] at the input size for `combo` (one of the constructor's combinations)."""
+        if combo not in self._results:
+            raise ValueError(f"{combo.label} was not computed by this pass (computed: "
+                             f"{', '.join(c.label for c in self._results)})")
+        return self._load(self._results[combo])
+
+    def logits_many(self, combos: Iterable[Combo]) -> Iterator[tuple[Combo, torch.Tensor]]:
+        """(combo, logits) for each combination, one on the device at a time."""
+        for c in combos:
+            yield c, self.logits(c)
+
+    def maps(self, scales: Iterable[float] | None = None) -> Maps:
+        """'pred_{s}x' and 'attn_{s}x' of the unmirrored pass for the kept scales, where the schedule keeps them
+        (host memory under `host`: dumps copy them to the host anyway)."""
+        wanted = self.keep if scales is None else tuple(scales)
+        missing = [s for s in wanted if s not in self.keep]
+        if missing:
+            raise ValueError(f"the maps of scales {missing} were not kept by this pass (kept {list(self.keep)})")
+        return {k: v for k, v in self._maps.items() if any(k.endswith(f"_{float(s)}x") for s in wanted)}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +16,7 @@ from torch import nn
 from .multiscale import Inference, MultiScalePass
 from ..runtime.precision import autocast
 from ..evaluation.visualize import colorize, denormalize, heatmap, overlay, side_by_side
+from ..log import Progress
 
 log = logging.getLogger(__name__)
 
@@ -65,31 +64,6 @@ class VideoReader:
         self.cap.release()
 
 
-class ProgressLine:
-    """A one-line progress bar rewritten in place (frames, speed, ETA), at most every `interval` seconds."""
-
-    def __init__(self, total: int, stream: Any = None, interval: float = 0.5, width: int = 30) -> None:
-        self.total, self.interval, self.width = total, interval, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.t0 = self.last = time.time()
-
-    def update(self, done: int, final: bool = False) -> None:
-        now = time.time()
-        if not final and now - self.last < self.interval:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        if self.total > 0:
-            filled = int(self.width * min(done, self.total) / self.total)
-            eta = max(self.total - done, 0) / rate if rate > 0 else 0.0
-            line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} frames  {rate:.2f} fps  "
-                    f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        else:
-            line = f"{done} frames  {rate:.2f} fps"
-        self.stream.write("\r" + line + ("\n" if final else ""))
-        self.stream.flush()
-
-
 def annotate_frame(
     image: torch.Tensor, out: dict[str, torch.Tensor], palette: np.ndarray, attention: bool
 ) -> np.ndarray:
@@ -113,7 +87,7 @@ def annotate_video(
     device: torch.device,
     how: Inference,
     attention: bool = False,
-    progress: ProgressLine | None = None,
+    progress: Progress | None = None,
 ) -> int:
     """Segment every frame of `reader` and write the annotated video to `out_path` (mp4v); returns the number
     of frames written. `transform(rgb, None)` gives the normalised image tensor (the evaluation transform)."""

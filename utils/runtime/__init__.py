@@ -1,1 +1,1 @@
-"""Run-time: process groups from torchrun or SLURM, collectives, SyncBN conversion, mixed precision, preemption."""
+"""Run-time: process groups from torchrun or SLURM, collectives, mixed precision, preemption."""

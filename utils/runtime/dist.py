@@ -1,4 +1,4 @@
-"""Process groups from torchrun's or SLURM's variables; rank helpers; SyncBN conversion; clear collective errors.
+"""Process groups from torchrun's or SLURM's variables; rank helpers; clear collective errors.
 
 Launchers, in order of precedence:
 - torchrun (or torch.distributed.launch): RANK, WORLD_SIZE, LOCAL_RANK (or --local-rank), MASTER_ADDR, MASTER_PORT;
@@ -24,8 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from network.layers import CpuSyncBatchNorm
 
 DEFAULT_TIMEOUT_S = 600.0
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -336,7 +334,7 @@ def collective_errors(info: DistInfo, logs: str = "the other ranks' logs") -> It
             raise
         raise DistributedError(
             f"rank {info.rank}/{info.world_size}: a collective operation failed: {_first_line(e)}\n"
-            f"Another process has probably died or hangs (collectives wait at most train.dist_timeout = "
+            f"Another process has probably died or hangs (collectives wait at most run.dist_timeout = "
             f"{info.timeout_s:.0f} s); this one stops instead of waiting. See {logs}."
         ) from e
 
@@ -344,32 +342,4 @@ def collective_errors(info: DistInfo, logs: str = "the other ranks' logs") -> It
 def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
     """DDP's no_sync() when `skip` (gradient accumulation: all-reduce only on the last micro-batch)."""
     return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------- SyncBN
-
-
-def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every nn.BatchNorm2d by nn.SyncBatchNorm (GPU) or CpuSyncBatchNorm (CPU), keeping its state.
-
-    Subclasses of BatchNorm (e.g. a norm fused with an activation) are refused rather than silently converted
-    into a plain SyncBatchNorm that would drop their extra behaviour.
-    """
-    def convert(module: nn.Module) -> nn.Module:
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
-            if type(module) is not nn.BatchNorm2d:
-                raise ValueError(f"model.norm=syncbn: cannot convert {type(module).__name__} (only BatchNorm2d)")
-            cls = nn.SyncBatchNorm if device.type == "cuda" else CpuSyncBatchNorm
-            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-            new.load_state_dict(module.state_dict())
-            if module.affine:
-                new.weight.requires_grad_(module.weight.requires_grad)
-                new.bias.requires_grad_(module.bias.requires_grad)
-            new.train(module.training)
-            return new.to(module.weight.device if module.affine else device)
-        for name, child in module.named_children():
-            module.add_module(name, convert(child))
-        return module
-
-    return convert(model)
 

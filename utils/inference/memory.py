@@ -1,0 +1,629 @@
+"""Memory planning: the peak memory of an evaluation call and of a training step, predicted before they run.
+
+- Counting: `LiveTensorBytes` (a dispatch mode) counts the bytes of tensor storage alive at once among the tensors
+  created inside it; `PeakMemory(device)` is that count on a CPU and `torch.cuda.max_memory_allocated` on CUDA.
+- Tracing: the network runs once per input shape on fake tensors (shapes and dtypes, no data), which gives the
+  peak of one pass and the shapes of its outputs in a second or two even for HRNet-OCR at 4096 pixels wide;
+  traces are cached per (model, input shape, precision), so per (model, image size, scales, precision).
+- Planning: an evaluation call (utils/engine.py `evaluate`, one batch) is replayed on fake tensors under each
+  schedule of `utils/inference/multiscale.py` with the network replaced by its trace; what the fusions, the
+  mirrored pass, the metrics and the dumps hold is counted as it happens. `choose_schedule` takes the first
+  schedule of the ladder (exact ones, then approximate ones when eval.memory_fallback=any) whose peak fits
+  eval.memory_budget.
+- A training step is traced whole (forward, loss, backward, optimizer; two steps, so that the optimizer state
+  is there), for train.py's check before the first step and for scripts/plan_memory.py.
+
+What no count sees: kernel scratch space (cuDNN/oneDNN workspaces), allocator rounding and fragmentation and the
+CUDA context (~0.5 GB). CPU autocast stands in for CUDA autocast in traces (CUDA also runs softmax in fp32).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten
+
+from utils.runtime.precision import autocast
+
+from .multiscale import (
+    UNCONSTRAINED,
+    Combo,
+    Forward,
+    Inference,
+    MultiScalePass,
+    ScheduledPass,
+    Schedule,
+    network_fn,
+    unwrap,
+)
+
+_log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str | None, key: str = "eval.memory_budget") -> int | None:
+    """A byte count from an int or a string such as '12GiB', '800 MB', '1.5G' (powers of 1024 for KiB/MiB/GiB/TiB,
+    of 1000 otherwise); None and "" (no budget given) give None. A clear one-line error naming `key` for anything else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB' or '800MB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: int | float) -> str:
+    """1.5 GiB, 230.0 MiB, 12.0 KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ----------------------------------------------------------------------------------------------- counting
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the storage of every tensor an op creates inside the context, until that storage is freed.
+
+    Views share their base's storage and in-place ops create none, so each allocation is counted once; the weak
+    reference callback fires when the storage itself (not one Python handle to it) is released. Inside
+    `ignoring()` nothing is counted (the planner's stand-in for host memory).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+        self._ignore = False
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._refs:
+            return
+        nbytes = storage.nbytes()
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+        def release(_: weakref.ref, key: int = key, nbytes: int = nbytes) -> None:
+            self.live -= nbytes
+            self._refs.pop(key, None)
+
+        self._refs[key] = weakref.ref(storage, release)
+
+    def reach(self, extra: int) -> None:
+        """Record that `extra` bytes more than are live now were held for a moment (a traced network pass)."""
+        self.peak = max(self.peak, self.live + extra)
+
+    @contextmanager
+    def ignoring(self) -> Iterator[None]:
+        self._ignore = True
+        try:
+            yield
+        finally:
+            self._ignore = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        if not self._ignore:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._add(t)
+        return out
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._refs.clear()  # storages still alive are counted in `live`; stop watching them
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m: ...` then `m.peak`: bytes allocated at the peak of the block beyond what was
+    allocated at entry (CUDA: allocator counters; other devices: `LiveTensorBytes`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._tracker: LiveTensorBytes | None = None
+        self._base = 0
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated above the allocation at entry"
+        return "peak bytes of live tensor storage created inside the call (dispatch-mode tracker)"
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._tracker = LiveTensorBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._tracker.__exit__(*exc)
+            self.peak = self._tracker.peak
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def estimate_peak(
+    build: Callable[[], nn.Module],
+    inputs: Callable[[], tuple[torch.Tensor, ...]],
+    run: Callable[..., Any],
+    precision: str = "fp32",
+) -> dict[str, int]:
+    """Peak bytes of `run(model, *inputs)` at any size, counted on fake tensors.
+
+    Returns {'static': weights + buffers + inputs, 'peak': static + the peak of the run}: the figure to hold against
+    a GPU's memory (`torch.cuda.max_memory_allocated` of the same run, before allocator overheads).
+    """
+    with _fake_mode():
+        model = build()
+        args = inputs()
+        static = tensor_bytes(model) + sum(_nbytes(a) for a in args)
+        with autocast(precision, torch.device("cpu")), LiveTensorBytes() as tracker:
+            run(model, *args)
+    return {"static": static, "peak": static + tracker.peak}
+
+
+# ----------------------------------------------------------------------------------------------- network traces
+
+
+@dataclass(frozen=True)
+class ForwardTrace:
+    """One network pass on fake tensors: the most bytes it held at once beyond its input (its outputs included),
+    and its outputs (name, shape, dtype)."""
+
+    peak: int
+    outputs: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+
+
+class _Pass(nn.Module):
+    """The per-scale network pass as a module, so that `functional_call` can run it on fake weights."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return network_fn(self.net)(x)
+
+
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, ForwardTrace]]" = weakref.WeakKeyDictionary()
+
+
+def _fake_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Fake tensors with the shapes, strides and dtypes of the module's parameters and buffers (in a fake mode)."""
+    return {prefix + name: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+            for name, t in (*module.named_parameters(), *module.named_buffers())}
+
+
+def trace_forward(model: nn.Module, shape: Sequence[int], precision: str = "fp32") -> ForwardTrace:
+    """The trace of one inference pass of `model` on an input of `shape` (cached; the weights are not read)."""
+    net = unwrap(model)
+    cache = _TRACES.setdefault(net, {})
+    key = (tuple(int(d) for d in shape), precision, net.training)
+    if key not in cache:
+        with _disable_current_modes(), _fake_mode():  # also when called from inside a planner replay
+            state = _fake_state(net, "net.")
+            x = torch.empty(key[0])
+            with torch.inference_mode(), autocast(precision, torch.device("cpu")), LiveTensorBytes() as tracker:
+                out = torch.func.functional_call(_Pass(net), state, (x,))
+            cache[key] = ForwardTrace(tracker.peak, tuple((k, tuple(v.shape), v.dtype) for k, v in out.items()))
+    return cache[key]
+
+
+def _stand_in(model: nn.Module, tracker: LiveTensorBytes, precision: str) -> Forward:
+    """A network pass that costs what the traced one costs: the traced peak, then outputs of the traced shapes."""
+    def fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        trace = trace_forward(model, tuple(x.shape), precision)
+        tracker.reach(trace.peak)
+        return {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in trace.outputs}
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------- evaluation plans
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    schedule: Schedule
+    peak: int  # predicted bytes on the device: weights, the batch and its labels, and the peak of the call
+
+    @property
+    def exact(self) -> bool:
+        return self.schedule.exact
+
+
+def _consume(run: Any, combos: Sequence[Combo], keep: Sequence[float], target: torch.Tensor | None) -> None:
+    """What `evaluate` does with a pass per batch: logits in fp32, argmax, loss, confusion counts, every sweep
+    combination one at a time, the dumped maps."""
+    logits = run.logits(combos[0]).float()
+    pred = logits.max(1).indices
+    if target is not None:
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        del loss
+        offsets = torch.empty(target.numel(), dtype=torch.long)
+        idx = offsets + pred.view(-1).long()
+        del idx
+        for _, other in run.logits_many(combos[1:]):  # `other` lives on while the next is made (evaluate)
+            idx = offsets + other.max(1).indices.view(-1).long()
+            del idx
+    maps = run.maps(keep) if keep else {}
+    del logits, pred, maps
+
+
+def predict_eval_peak(
+    model: nn.Module,
+    shape: Sequence[int],
+    combos: Sequence[Combo],
+    how: Inference,
+    schedule: Schedule,
+    keep: Sequence[float] = (),
+    labelled: bool = True,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Predicted peak bytes on `device` of one evaluation call on a batch of `shape` under `schedule`: weights and
+    buffers, the batch (and its labels when `labelled`) and the most the call holds at once."""
+    device = torch.device(device)
+    precision = schedule.precision or how.precision
+    n, _, h, w = (int(d) for d in shape)
+    static = tensor_bytes(unwrap(model)) + n * 3 * h * w * 4 + (n * h * w * 8 if labelled else 0)
+    with _fake_mode(), torch.inference_mode():
+        images = torch.empty(n, 3, h, w)
+        target = torch.zeros(n, h, w, dtype=torch.long) if labelled else None
+        with LiveTensorBytes() as tracker, autocast(how.precision, torch.device("cpu")):
+            fn = _stand_in(model, tracker, precision)
+            if schedule == UNCONSTRAINED:
+                scales = {s for c in combos for s in c.scales} | set(keep)
+                run: Any = MultiScalePass(fn, images, scales, any(c.flip for c in combos), how.window, how.overlap)
+            else:
+                store = load = None
+                if schedule.host and device.type != "cpu":  # host memory is not the device's
+                    def store(t: torch.Tensor) -> torch.Tensor:
+                        with tracker.ignoring():
+                            return torch.empty_like(t)
+
+                    def load(t: torch.Tensor) -> torch.Tensor:
+                        return torch.empty_like(t)
+                run = ScheduledPass(fn, images, combos, schedule, keep, how.window, how.overlap, store, load)
+            _consume(run, combos, keep, target)
+            del run
+    return static + tracker.peak
+
+
+def lower_precision(precision: str, device: torch.device) -> str | None:
+    """The half precision an approximate schedule may use, or None when already below fp32."""
+    if precision != "fp32":
+        return None
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
+def schedule_ladder(
+    batch: int, size: Sequence[int], combos: Sequence[Combo], fallback: str, precision: str, device: torch.device
+) -> list[Schedule]:
+    """Schedules in the order they are tried: unconstrained, then exact ones that hold less at once (one scale at a
+    time, the flipped pass apart, the batch split, maps in host memory off a CPU), then approximate ones (sliding
+    windows at the largest scales, lower precision) when `fallback` is 'any'."""
+    flip = any(c.flip for c in combos)
+    ladder = [UNCONSTRAINED, Schedule(stream=True)]
+    if flip:
+        ladder.append(replace(ladder[-1], flip_apart=True))
+    chunk = batch // 2
+    while chunk >= 1:
+        ladder.append(replace(ladder[-1], chunk=chunk))
+        chunk //= 2
+    if device.type != "cpu":
+        ladder.append(replace(ladder[-1], host=True))
+    if fallback != "any":
+        return ladder
+    exact = ladder[-1]
+    window = (int(size[0]), int(size[1]))  # windows of the 1.0 image's size at the larger scales
+    above = sorted({s for c in combos for s in c.scales if s > 1.0}, reverse=True)
+    for s in above:
+        ladder.append(replace(exact, window=window, window_from=s))
+    low = lower_precision(precision, device)
+    if low is not None:
+        ladder.append(replace(ladder[-1], precision=low))
+    half = (max(16, window[0] // 2), max(16, window[1] // 2))
+    ladder.append(replace(ladder[-1], window=half, window_from=1.0))
+    return ladder
+
+
+@dataclass
+class EvalPlan:
+    shape: tuple[int, ...]
+    budget: int | None
+    rows: list[PlanRow]
+    chosen: PlanRow | None
+
+    def table(self) -> str:
+        lines = ["| schedule | exact | predicted peak | fits |", "|---|---|---|---|"]
+        for r in self.rows:
+            fits = "-" if self.budget is None else ("yes" if r.peak <= self.budget else "no")
+            mark = " (chosen)" if r is self.chosen else ""
+            lines.append(f"| {r.schedule.label}{mark} | {'yes' if r.exact else 'no'} | {format_bytes(r.peak)} "
+                         f"| {fits} |")
+        return "\n".join(lines)
+
+
+def plan_eval(
+    model: nn.Module,
+    shape: Sequence[int],
+    combos: Sequence[Combo],
+    how: Inference,
+    device: torch.device | str,
+    keep: Sequence[float] = (),
+    labelled: bool = True,
+    budget: int | None = None,
+    every: bool = False,
+) -> EvalPlan:
+    """The ladder's predicted peaks and the first row that fits `budget` (None: the unconstrained one). With
+    `every` all rows are predicted (the plan table), else the ladder stops at the first that fits."""
+    device = torch.device(device)
+    ladder = schedule_ladder(int(shape[0]), shape[-2:], combos, how.memory_fallback, how.precision, device)
+    rows, chosen = [], None
+    for schedule in ladder:
+        row = PlanRow(schedule, predict_eval_peak(model, shape, combos, how, schedule, keep, labelled, device))
+        rows.append(row)
+        if chosen is None and (budget is None or row.peak <= budget):
+            chosen = row
+            if not every:
+                break
+    return EvalPlan(tuple(int(d) for d in shape), budget, rows, chosen)
+
+
+class MemoryPlanError(ValueError):
+    """No schedule that may be used fits the memory budget."""
+
+
+def device_budget(device: torch.device, configured: int | None, resident: int = 0) -> int | None:
+    """The bytes a plan may use: the configured budget, else on CUDA the free memory plus `resident` (what the
+    plan counts that is on the device already, such as the weights), else None (no limit)."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + resident
+    return None
+
+
+_CHOICES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Schedule]]" = weakref.WeakKeyDictionary()
+
+
+def choose_schedule(
+    model: nn.Module, images: torch.Tensor, combos: Sequence[Combo], keep: Iterable[float], how: Inference
+) -> Schedule:
+    """The first schedule of the ladder whose planned peak fits the budget (logged with the reason, once per batch
+    shape); the unconstrained one without a budget. Raises MemoryPlanError before any network pass when none
+    that eval.memory_fallback allows fits. A chosen approximate schedule is reported with its measured
+    difference from the exact result on the first image."""
+    device = images.device
+    keep = tuple(keep)
+    net = unwrap(model)
+    resident = tensor_bytes(net) + _nbytes(images)
+    budget = device_budget(device, how.memory_budget, resident)
+    if budget is None:
+        return UNCONSTRAINED
+    key = (tuple(images.shape), tuple(combos), keep, budget, how.memory_fallback, how.precision, how.window,
+           how.overlap, device.type)
+    cache = _CHOICES.setdefault(net, {})
+    if key in cache:
+        return cache[key]
+    plan = plan_eval(net, images.shape, combos, how, device, keep, labelled=True, budget=budget)
+    shape = "x".join(str(d) for d in images.shape)
+    source = "eval.memory_budget" if how.memory_budget is not None else f"free memory of {device}"
+    if plan.chosen is None:
+        cheapest = min(plan.rows, key=lambda r: r.peak)
+        allowed = ("exact schedules only (eval.memory_fallback=exact; =any also allows sliding windows and lower "
+                   "precision)" if how.memory_fallback == "exact" else "approximate schedules included")
+        raise MemoryPlanError(
+            f"evaluation of a {shape} batch needs {format_bytes(cheapest.peak)} even under the cheapest schedule "
+            f"({cheapest.schedule.label}), {allowed}, but the budget ({source}) is {format_bytes(budget)}: raise "
+            f"eval.memory_budget, lower data.val_batch_size or use fewer/smaller eval.scales")
+    chosen = plan.chosen
+    unconstrained = plan.rows[0]
+    if chosen.schedule == UNCONSTRAINED:
+        _log.info(f"memory plan: a {shape} batch needs {format_bytes(chosen.peak)} (unconstrained), within the "
+                  f"budget of {format_bytes(budget)} ({source})")
+    else:
+        _log.info(f"memory plan: a {shape} batch needs {format_bytes(unconstrained.peak)} unconstrained, over the "
+                  f"budget of {format_bytes(budget)} ({source}): schedule '{chosen.schedule.label}' "
+                  f"({'exact' if chosen.exact else 'approximate'}), planned {format_bytes(chosen.peak)}")
+    if not chosen.exact:
+        exact = [r for r in plan.rows if r.exact][-1].schedule
+        diff = measure_difference(model, images, combos[0], how, chosen.schedule, exact)
+        _log.info(f"memory plan: the approximate schedule '{chosen.schedule.label}' on the first image: argmax "
+                  f"agrees with the exact result on {100 * diff['agreement']:.2f}% of pixels, largest logit "
+                  f"difference {diff['max_abs']:.4g} (exact reference run once on the host)")
+    cache[key] = chosen.schedule
+    return chosen.schedule
+
+
+def measure_difference(
+    model: nn.Module, images: torch.Tensor, combo: Combo, how: Inference, approx: Schedule, exact: Schedule
+) -> dict[str, float]:
+    """How much an approximate schedule changes the result on the first image of `images`: the share of pixels
+    whose argmax agrees with the exact schedule's, and the largest absolute logit difference. The exact
+    reference runs on the host (the model visits the CPU once when it lives on another device)."""
+    net = unwrap(model)
+    device = images.device
+    first = images[:1]
+    with torch.inference_mode(), autocast(how.precision, device):
+        approximate = ScheduledPass(net, first, [combo], approx, (), how.window, how.overlap).logits(combo)
+        approximate = approximate.float().cpu()
+    if device.type != "cpu":
+        net.cpu()
+    try:
+        with torch.inference_mode(), autocast(how.precision, torch.device("cpu")):
+            reference = ScheduledPass(net, first.cpu(), [combo], exact, (), how.window, how.overlap).logits(combo)
+            reference = reference.float()
+    finally:
+        if device.type != "cpu":
+            net.to(device)
+    agreement = (approximate.max(1).indices == reference.max(1).indices).double().mean().item()
+    return {"agreement": agreement, "max_abs": (approximate - reference).abs().max().item()}
+
+
+# ----------------------------------------------------------------------------------------------- training step
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """What one training step is planned for."""
+
+    batch: int
+    crop: tuple[int, int]
+    precision: str
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        return (f"data.batch_size={self.batch}, crop {self.crop[0]}x{self.crop[1]}, {self.precision}"
+                + (", channels-last" if self.channels_last else ""))
+
+
+def _optimizer(cfg: Any, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """train.py's optimizer (its fused CUDA SGD holds the same state: the momentum buffers)."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+_TRAIN_TRACES: dict[tuple, int] = {}
+
+
+def predict_train_peak(cfg: Any, num_classes: int, step: TrainStep, ignore_index: int = 255) -> int:
+    """Predicted peak bytes of one training step of `cfg`'s model, loss and optimizer at `step`: weights, gradients,
+    optimizer state, the batch and the most the step holds at once (two steps are traced, the second with the
+    optimizer state of the first). fp16 is traced as bf16 (same sizes; the loss scaler reads values)."""
+    import network
+    from loss import build_criterion
+
+    key = (repr(cfg.model), repr(cfg.loss), repr(cfg.train), num_classes, step)
+    if key in _TRAIN_TRACES:
+        return _TRAIN_TRACES[key]
+    precision = "bf16" if step.precision == "fp16" else step.precision
+    fmt = torch.channels_last if step.channels_last else torch.contiguous_format
+    with _disable_current_modes(), _fake_mode():
+        model = network.build_model(cfg.model.name, num_classes, **cfg.model.options).train()
+        if step.channels_last:  # Module.to cannot swap fake tensors
+            for p in model.parameters():
+                if p.dim() == 4:
+                    p.data = p.data.contiguous(memory_format=fmt)
+        criterion = build_criterion(cfg.loss, num_classes, ignore_index)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _optimizer(cfg, params)
+        images = torch.empty(step.batch, 3, *step.crop).contiguous(memory_format=fmt)
+        target = torch.zeros(step.batch, *step.crop, dtype=torch.long)
+        static = tensor_bytes(model) + _nbytes(images) + _nbytes(target)
+        with LiveTensorBytes() as tracker:
+            for _ in range(2):
+                optimizer.zero_grad(set_to_none=True)
+                with autocast(precision, torch.device("cpu")):
+                    outputs = model(images)
+                total, _terms = criterion(outputs, target)
+                total.backward()
+                optimizer.step()
+                del outputs, total, _terms
+    _TRAIN_TRACES[key] = static + tracker.peak
+    return _TRAIN_TRACES[key]
+
+
+def available_bytes(device: torch.device, configured: int | None = None) -> int | None:
+    """What a training step may use on `device`: the configured budget, else CUDA's free memory plus what this
+    process holds already (the model placed there), else None (not checked)."""
+    if configured is not None:
+        return configured
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + torch.cuda.memory_allocated(device)
+    return None
+
+
+def train_alternatives(cfg: Any, num_classes: int, step: TrainStep, ignore_index: int = 255) -> list[tuple[str, int]]:
+    """Settings that lower the step's peak, each with its planned peak: half the batch with twice the
+    accumulation (same global batch), a half precision, a smaller crop."""
+    candidates = []
+    accum = cfg.train.accum_steps
+    batch = step.batch
+    while batch > 1:
+        batch //= 2
+        candidates.append((f"data.batch_size={batch} train.accum_steps={accum * (step.batch // batch)} (same global "
+                           "batch)", replace(step, batch=batch)))
+    if step.precision == "fp32":
+        candidates.append(("run.precision=bf16 (or fp16)", replace(step, precision="bf16")))
+    crop = (max(32, int(step.crop[0] * 0.75) // 32 * 32), max(32, int(step.crop[1] * 0.75) // 32 * 32))
+    if crop != step.crop:
+        candidates.append((f"data.augment.crop_size=[{crop[0]},{crop[1]}]", replace(step, crop=crop)))
+    out = []
+    for what, candidate in candidates:
+        try:
+            out.append((what, predict_train_peak(cfg, num_classes, candidate, ignore_index)))
+        except ValueError:  # a setting the model cannot train with (batch 1 through BatchNorm on a 1x1 map)
+            continue
+    return out
+
+
+def check_train_memory(cfg: Any, num_classes: int, device: torch.device, ignore_index: int = 255) -> str | None:
+    """Before the first step: the planned peak of one step against the device (eval.memory_budget when set, else
+    CUDA's free memory; not checked on other devices without a budget). Returns a line to log, or raises
+    MemoryPlanError naming the predicted and available bytes and settings that would fit."""
+    budget = parse_bytes(cfg.eval.memory_budget)
+    available = available_bytes(device, budget)
+    if available is None:
+        return None
+    crop = tuple(int(c) for c in cfg.data.augment.crop_size)
+    step = TrainStep(cfg.data.batch_size, (crop[0], crop[-1]), cfg.run.precision, cfg.run.channels_last)
+    peak = predict_train_peak(cfg, num_classes, step, ignore_index)
+    where = f"{device}" + (" (eval.memory_budget)" if budget is not None else " free")
+    if peak <= available:
+        return f"memory plan: a training step ({step.label}) needs {format_bytes(peak)} of {format_bytes(available)} on {where}"
+    fits = [f"{what} ({format_bytes(p)})" for what, p in train_alternatives(cfg, num_classes, step, ignore_index)
+            if p <= available]
+    advice = ("would fit: " + "; ".join(fits)) if fits else \
+        "none of half the batch, a half precision or a 0.75x crop fits: use a smaller model or crop"
+    raise MemoryPlanError(f"a training step ({step.label}) is planned at {format_bytes(peak)} ({peak} bytes) but "
+                          f"{where} has {format_bytes(available)} ({available} bytes): {advice}")
