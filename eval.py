@@ -239,7 +239,7 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     writer = label_writer(args, dataset, out_dir)
     how = Inference.from_config(cfg)
     combos = how.sweep(model)
-    place_model(model, dist.device, cfg.run.channels_last)
+    place_model(model, dist.device, cfg.run.channels_last, cfg.run.host_memory == "retain")
 
     log = RunLogger(out_dir, enabled=dist.is_main)
     log.capture_modules()

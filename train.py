@@ -40,7 +40,7 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
-from utils.config import Config, ConfigError, diff_configs, to_dict, to_yaml
+from utils.config import Config, ConfigError, to_dict, to_yaml, training_differences
 from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
@@ -56,6 +56,7 @@ from utils.runtime.dist import (
     cleanup,
     collective_errors,
 )
+from utils.runtime.layout import place_model as place_on_device
 from utils.runtime.precision import grad_scaler
 from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
 
@@ -75,8 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Expected failures: each becomes one line `error: ...` and exit code 2 (utils/cli.py).
 EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, FloatingPointError,
                    ValueError)
-# Keys that do not change the weights a run produces: changing them does not stop a resume.
-RESUME_NEUTRAL = ("eval.", "run.name:", "run.output_dir:")
 PREEMPT_CHECK_STEPS = 10  # at most this many steps between two agreements on a preemption signal
 
 
@@ -127,12 +126,11 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
         return None
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
-    differ = diff_configs(ckpt["config"], cfg) if isinstance(ckpt.get("config"), dict) else []
-    differ = [d for d in differ if not d.startswith(RESUME_NEUTRAL)]
+    differ = training_differences(ckpt["config"], cfg) if isinstance(ckpt.get("config"), dict) else []
     if differ and not args.force_resume:
         raise CliError(
             f"refusing to resume {path}: training settings differ from the run's: " + "; ".join(differ)
-            + " (evaluation settings eval.*, run.name and run.output_dir do not count; use --force-resume "
+            + " (evaluation settings eval.*, run.name, run.output_dir and run.channels_last do not count; use --force-resume "
             "to continue anyway, or another run.name for a new run)"
         )
     return path, ckpt
@@ -182,7 +180,7 @@ def place_model(net: torch.nn.Module, cfg: Config, dist: DistInfo) -> tuple[torc
     """(the module itself, for checkpoints and evaluation; what a training step calls: DDP / compiled)."""
     # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
     torch.backends.cudnn.benchmark = dist.device.type == "cuda"
-    net.to(dist.device, memory_format=torch.channels_last if cfg.run.channels_last else torch.preserve_format)
+    place_on_device(net, dist.device, cfg.run.channels_last, cfg.run.host_memory == "retain")
     model: torch.nn.Module = net
     if dist.distributed:
         if cfg.model.norm == "syncbn":
@@ -364,6 +362,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
 
     criterion = build_criterion(cfg.loss, num_classes, ignore)
     inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
+    inference.combo(net)  # a scale set or fusion this model cannot evaluate fails now, not after training
     optimizer = build_optimizer(cfg, net)
     max_iter, scheduler = schedule(cfg, optimizer, batches, steps_per_epoch)
     per_iter = cfg.train.lr_step == "iter"

@@ -87,13 +87,18 @@ def _synthetic(cfg, split: str, train: bool) -> Dataset:
 
 def _cityscapes_layout(cfg, split: str, train: bool) -> Dataset:
     transform = build_transforms(cfg, train, ignore_index=255)
-    coarse = None
-    c = cfg.coarse
-    if train and c.boost_classes:
-        coarse = CoarseOptions(c.boost_classes, c.autolabel_threshold, c.dropout_classes, c.mask_out, c.autolabel_dir,
-                               c.last_epoch, c.order)
-    ds = CityscapesDataset(cfg.root, split, transform, cv=cfg.cv, skip_bad=cfg.skip_bad, coarse=coarse)
+    ds = CityscapesDataset(cfg.root, split, transform, cv=cfg.cv, skip_bad=cfg.skip_bad,
+                           coarse=_coarse_options(cfg, train))
     return _prepared(ds, cfg, train)
+
+
+def _coarse_options(cfg, train: bool) -> CoarseOptions | None:
+    """data.coarse.* for a training set that uses coarse data (boost classes given); None otherwise."""
+    c = cfg.coarse
+    if not (train and c.boost_classes):
+        return None
+    return CoarseOptions(c.boost_classes, c.autolabel_threshold, c.dropout_classes, c.mask_out, c.autolabel_dir,
+                         c.last_epoch, c.order)
 
 
 @register_dataset("mapillary")
@@ -108,7 +113,7 @@ def _custom(cfg, split: str, train: bool) -> Dataset:
     c = cfg.custom
     ignore = read_class_list(c.classes)[0].ignore_index
     ds = CustomDataset(cfg.root, split, c.classes, build_transforms(cfg, train, ignore), c.image_dir, c.mask_dir,
-                       c.mask_suffix, cfg.skip_bad)
+                       c.mask_suffix, cfg.skip_bad, _coarse_options(cfg, train))
     return _prepared(ds, cfg, train)
 
 

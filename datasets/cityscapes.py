@@ -171,87 +171,15 @@ class CoarseOptions:
             raise ValueError(f"data.coarse.order must be one of {', '.join(AUTOLABEL_ORDERS)}, got {self.order!r}")
 
 
-class CityscapesDataset(SegmentationDataset):
-    """Cityscapes of one split; `split` is 'train', 'val', 'trainval' or 'test' (unlabelled).
+class CoarseDataset(SegmentationDataset):
+    """A training set whose samples past `num_main` are coarse data (self.coarse): human coarse masks, or
+    autolabels (self.autolabel: index -> (probability map, human coarse mask or None)) assembled by
+    autolabel_mask. Subclasses set coarse, autolabel, centroid_name and coarse_centroid_name."""
 
-    With `coarse.boost_classes`, train_extra images follow the fine ones (index >= num_main): with class-uniform
-    sampling they contribute centroids of the boost classes only; without it they join every epoch's list. Either
-    way only in epochs < coarse.max_epoch.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        split: str,
-        transform: Transform,
-        cv: int = 0,
-        skip_bad: bool = False,
-        coarse: CoarseOptions | None = None,
-    ):
-        image_root, label_root = find_layout(root)
-        if split == "test":
-            cities, labelled, searched = [("test", c) for c in _cities(image_root, "test")], False, ["test"]
-        elif split == "trainval":
-            cities, labelled, searched = cv_cities(image_root, "train", CV_SPLITS), True, ["train", "val"]
-        elif split in ("train", "val"):
-            cities, labelled = cv_cities(image_root, split, cv), True
-            searched = [split] if cv == 0 else ["train", "val"]
-        else:
-            raise ValueError(f"Cityscapes split must be train, val, trainval or test, got {split!r}")
-        samples: list[Sample] = []
-        for folder, city in cities:
-            label_dir = os.path.join(label_root, folder, city) if labelled else None
-            samples += pair_files(os.path.join(image_root, folder, city), label_dir, FINE_SUFFIX, city)
-        if not samples:
-            where = " and ".join(os.path.join(image_root, f) for f in searched)
-            raise DataNotFoundError(f"Cityscapes split {split!r} (cv {cv}) is empty: no *{IMAGE_SUFFIX} under "
-                                    f"{where} ({LAYOUT_HELP})")
-        num_fine = len(samples)
-        self.coarse = coarse or CoarseOptions()
-        self.autolabel: dict[int, tuple[str, str | None]] = {}  # index -> (probability map, human gtCoarse mask)
-        if self.coarse.boost_classes:
-            samples += self._coarse_samples(root, num_fine)
-        super().__init__(samples, CLASSES, label_map(), transform, skip_bad, f"cityscapes/{split}/cv{cv}")
-        self.num_main = num_fine
-        self.root, self.split, self.cv = root, split, cv
-        self.cities = [c for _, c in cities]
-
-    def _coarse_samples(self, root: str, first_index: int) -> list[Sample]:
-        bad = [c for c in self.coarse.boost_classes + self.coarse.dropout_classes if not 0 <= c < len(TRAIN_CLASSES)]
-        if bad:
-            raise ValueError(f"coarse boost/dropout classes must be train ids 0..18, got {bad}")
-        image_dir, coarse_dir = find_extra_layout(root)
-        if self.coarse.autolabel_prob <= 0:
-            out: list[Sample] = []
-            for city in sorted(os.listdir(image_dir)):
-                out += pair_files(os.path.join(image_dir, city), os.path.join(coarse_dir, city), COARSE_SUFFIX)
-        else:
-            out = self._autolabel_samples(root, image_dir, coarse_dir, first_index)
-        if not out:
-            raise DataNotFoundError(f"no train_extra images under {image_dir} ({EXTRA_HELP})")
-        return out
-
-    def _autolabel_samples(self, root: str, image_dir: str, coarse_dir: str, first_index: int) -> list[Sample]:
-        auto = self.coarse.autolabel_dir
-        auto = auto if os.path.isabs(auto) else os.path.join(root, auto)
-        if not os.path.isdir(auto):
-            raise DataNotFoundError(f"autolabelled masks requested (data.coarse.autolabel_threshold > 0) but {auto} does "
-                                    f"not exist ({AUTOLABEL_HELP})")
-        out: list[Sample] = []
-        missing: list[str] = []
-        for city in sorted(os.listdir(image_dir)):
-            for sample in pair_files(os.path.join(image_dir, city), None):
-                found = autolabel_files(auto, city, sample.name)
-                if found is None:
-                    missing.append(sample.name)
-                    continue
-                human = os.path.join(coarse_dir, city, sample.name + COARSE_SUFFIX)
-                self.autolabel[first_index + len(out)] = (found[1], human if self.coarse.dropout_classes else None)
-                out.append(Sample(sample.image, found[0], sample.name))
-        if missing:
-            raise DataError(f"{len(missing)} train_extra image(s) without an autolabel and its probability map in "
-                            f"{auto}: {', '.join(missing[:10])} ({AUTOLABEL_HELP})")
-        return out
+    coarse: CoarseOptions
+    autolabel: dict[int, tuple[str, str | None]]
+    centroid_name: str
+    coarse_centroid_name: str
 
     def extra_active(self, epoch: int) -> bool:
         return len(self.samples) > self.num_main and epoch < self.coarse.max_epoch
@@ -320,12 +248,96 @@ class CityscapesDataset(SegmentationDataset):
         coarse images (from the cache, built when absent or stale)."""
 
         fine, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile,
-                                  f"cityscapes_{self.split}_cv{self.cv}", cache_dir, workers=workers, snap=snap)
+                                  self.centroid_name, cache_dir, workers=workers, snap=snap)
         if len(self.samples) > self.num_main:
             c = self.coarse
             extra = (f"offset{self.num_main}|prob{c.autolabel_prob}|dropout{c.dropout_classes}|maskout{c.mask_out}"
                      f"|order{c.order}")
             coarse, _ = load_or_compute(self, range(self.num_main, len(self.samples)), self.num_classes, tile,
-                                        "cityscapes_coarse", cache_dir, extra, workers, snap)
+                                        self.coarse_centroid_name, cache_dir, extra, workers, snap)
             fine = {k: list(v) + (coarse[k] if k in c.boost_classes else []) for k, v in fine.items()}
         self.uniform = ClassUniform(fine, self.num_classes, pct, self.num_main, share)
+
+
+class CityscapesDataset(CoarseDataset):
+    """Cityscapes of one split; `split` is 'train', 'val', 'trainval' or 'test' (unlabelled).
+
+    With `coarse.boost_classes`, train_extra images follow the fine ones (index >= num_main): with class-uniform
+    sampling they contribute centroids of the boost classes only; without it they join every epoch's list. Either
+    way only in epochs < coarse.max_epoch.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        transform: Transform,
+        cv: int = 0,
+        skip_bad: bool = False,
+        coarse: CoarseOptions | None = None,
+    ):
+        image_root, label_root = find_layout(root)
+        if split == "test":
+            cities, labelled, searched = [("test", c) for c in _cities(image_root, "test")], False, ["test"]
+        elif split == "trainval":
+            cities, labelled, searched = cv_cities(image_root, "train", CV_SPLITS), True, ["train", "val"]
+        elif split in ("train", "val"):
+            cities, labelled = cv_cities(image_root, split, cv), True
+            searched = [split] if cv == 0 else ["train", "val"]
+        else:
+            raise ValueError(f"Cityscapes split must be train, val, trainval or test, got {split!r}")
+        samples: list[Sample] = []
+        for folder, city in cities:
+            label_dir = os.path.join(label_root, folder, city) if labelled else None
+            samples += pair_files(os.path.join(image_root, folder, city), label_dir, FINE_SUFFIX, city)
+        if not samples:
+            where = " and ".join(os.path.join(image_root, f) for f in searched)
+            raise DataNotFoundError(f"Cityscapes split {split!r} (cv {cv}) is empty: no *{IMAGE_SUFFIX} under "
+                                    f"{where} ({LAYOUT_HELP})")
+        num_fine = len(samples)
+        self.coarse = coarse or CoarseOptions()
+        self.autolabel: dict[int, tuple[str, str | None]] = {}  # index -> (probability map, human gtCoarse mask)
+        if self.coarse.boost_classes:
+            samples += self._coarse_samples(root, num_fine)
+        super().__init__(samples, CLASSES, label_map(), transform, skip_bad, f"cityscapes/{split}/cv{cv}")
+        self.num_main = num_fine
+        self.root, self.split, self.cv = root, split, cv
+        self.cities = [c for _, c in cities]
+        self.centroid_name, self.coarse_centroid_name = f"cityscapes_{split}_cv{cv}", "cityscapes_coarse"
+
+    def _coarse_samples(self, root: str, first_index: int) -> list[Sample]:
+        bad = [c for c in self.coarse.boost_classes + self.coarse.dropout_classes if not 0 <= c < len(TRAIN_CLASSES)]
+        if bad:
+            raise ValueError(f"coarse boost/dropout classes must be train ids 0..18, got {bad}")
+        image_dir, coarse_dir = find_extra_layout(root)
+        if self.coarse.autolabel_prob <= 0:
+            out: list[Sample] = []
+            for city in sorted(os.listdir(image_dir)):
+                out += pair_files(os.path.join(image_dir, city), os.path.join(coarse_dir, city), COARSE_SUFFIX)
+        else:
+            out = self._autolabel_samples(root, image_dir, coarse_dir, first_index)
+        if not out:
+            raise DataNotFoundError(f"no train_extra images under {image_dir} ({EXTRA_HELP})")
+        return out
+
+    def _autolabel_samples(self, root: str, image_dir: str, coarse_dir: str, first_index: int) -> list[Sample]:
+        auto = self.coarse.autolabel_dir
+        auto = auto if os.path.isabs(auto) else os.path.join(root, auto)
+        if not os.path.isdir(auto):
+            raise DataNotFoundError(f"autolabelled masks requested (data.coarse.autolabel_threshold > 0) but {auto} does "
+                                    f"not exist ({AUTOLABEL_HELP})")
+        out: list[Sample] = []
+        missing: list[str] = []
+        for city in sorted(os.listdir(image_dir)):
+            for sample in pair_files(os.path.join(image_dir, city), None):
+                found = autolabel_files(auto, city, sample.name)
+                if found is None:
+                    missing.append(sample.name)
+                    continue
+                human = os.path.join(coarse_dir, city, sample.name + COARSE_SUFFIX)
+                self.autolabel[first_index + len(out)] = (found[1], human if self.coarse.dropout_classes else None)
+                out.append(Sample(sample.image, found[0], sample.name))
+        if missing:
+            raise DataError(f"{len(missing)} train_extra image(s) without an autolabel and its probability map in "
+                            f"{auto}: {', '.join(missing[:10])} ({AUTOLABEL_HELP})")
+        return out

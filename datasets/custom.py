@@ -9,6 +9,11 @@ Class list (YAML):
 
 Layout: `<root>/<image_dir>/**/<name>.<ext>` with `<root>/<mask_dir>/**/<name><mask_suffix>` ({split} in the folder
 names is replaced by the split).
+
+Coarse data works as for Cityscapes (data.coarse.*): the unlabelled split is {split} = train_extra, its human coarse
+masks (if any) are in the mask folder of that split, and autolabels are `<autolabel_dir>/<path>.png` with
+`<path>_prob.png`, <path> being the image's path below the image folder without its extension (what
+scripts/autolabel.py writes).
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ from .base import (
     DataNotFoundError,
     LabelMap,
     Sample,
-    SegmentationDataset,
     Transform,
 )
+from .cityscapes import CoarseDataset, CoarseOptions
+
+EXTRA_SPLIT = "train_extra"  # the unlabelled split's name in data.custom.image_dir / mask_dir
 
 
 def default_palette(n: int) -> np.ndarray:
@@ -122,9 +129,13 @@ def _files(folder: str, extensions: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-class CustomDataset(SegmentationDataset):
+class CustomDataset(CoarseDataset):
+    """A split of your own data; with `coarse.boost_classes`, the train_extra split's images follow (index >=
+    num_main) with their human coarse masks or their autolabels (datasets/cityscapes.py, CoarseDataset)."""
+
     def __init__(self, root: str, split: str, classes_path: str, transform: Transform, image_dir: str = "images/{split}",
-                 mask_dir: str = "masks/{split}", mask_suffix: str = ".png", skip_bad: bool = False):
+                 mask_dir: str = "masks/{split}", mask_suffix: str = ".png", skip_bad: bool = False,
+                 coarse: CoarseOptions | None = None):
         classes, labels = read_class_list(classes_path)
         images_at = os.path.join(root, image_dir.format(split=split))
         masks_at = os.path.join(root, mask_dir.format(split=split))
@@ -154,5 +165,51 @@ class CustomDataset(SegmentationDataset):
                                 f"({', '.join(extra[:10])})")
         for key in sorted(images):
             samples.append(Sample(images[key], masks[key] if labelled else None, key.replace(os.sep, "_")))
+        num_main = len(samples)
+        self.coarse = coarse or CoarseOptions()
+        self.autolabel = {}
+        if self.coarse.boost_classes:
+            samples += self._coarse_samples(root, image_dir, mask_dir, mask_suffix, num_main, classes.num_classes)
         super().__init__(samples, classes, labels, transform, skip_bad, f"custom/{split}")
+        self.num_main = num_main
         self.root, self.split = root, split
+        self.centroid_name, self.coarse_centroid_name = self.description, "custom_coarse"
+
+    def _coarse_samples(self, root: str, image_dir: str, mask_dir: str, mask_suffix: str, first_index: int,
+                        num_classes: int) -> list[Sample]:
+        c = self.coarse
+        bad = [k for k in c.boost_classes + c.dropout_classes if not 0 <= k < num_classes]
+        if bad:
+            raise ValueError(f"data.coarse.boost_classes / dropout_classes must be train ids 0..{num_classes - 1}, "
+                             f"got {bad}")
+        images_at = os.path.join(root, image_dir.format(split=EXTRA_SPLIT))
+        masks_at = os.path.join(root, mask_dir.format(split=EXTRA_SPLIT))
+        images = _files(images_at, IMAGE_EXTENSIONS) if os.path.isdir(images_at) else {}
+        if not images:
+            raise DataNotFoundError(f"coarse data requested (data.coarse.boost_classes) but no images in {images_at} "
+                                    f"(the unlabelled split: data.custom.image_dir with {{split}} = {EXTRA_SPLIT})")
+        out: list[Sample] = []
+        missing: list[str] = []
+        if c.autolabel_prob <= 0:  # human coarse masks
+            for key in sorted(images):
+                mask = os.path.join(masks_at, key + mask_suffix)
+                if not os.path.isfile(mask):
+                    missing.append(key + mask_suffix)
+                out.append(Sample(images[key], mask, key.replace(os.sep, "_")))
+            if missing:
+                raise DataError(f"{len(missing)} {EXTRA_SPLIT} image(s) without a coarse mask in {masks_at}: "
+                                f"{', '.join(missing[:10])}")
+            return out
+        auto = c.autolabel_dir if os.path.isabs(c.autolabel_dir) else os.path.join(root, c.autolabel_dir)
+        for key in sorted(images):
+            base = os.path.join(auto, key)
+            if not (os.path.isfile(base + ".png") and os.path.isfile(base + "_prob.png")):
+                missing.append(key)
+                continue
+            human = os.path.join(masks_at, key + mask_suffix) if c.dropout_classes else None
+            self.autolabel[first_index + len(out)] = (base + "_prob.png", human)
+            out.append(Sample(images[key], base + ".png", key.replace(os.sep, "_")))
+        if missing:
+            raise DataError(f"{len(missing)} {EXTRA_SPLIT} image(s) without an autolabel <name>.png and its "
+                            f"<name>_prob.png in {auto}: {', '.join(missing[:10])} (scripts/autolabel.py writes them)")
+        return out

@@ -77,12 +77,18 @@ class _SigmoidBCE(torch.autograd.Function):
             grad = torch.zeros_like(s)
         if grad_bce is not None:  # dBCE/dx_k = (s_k − y_k)·valid / (valid + 1)
             per_pixel = weight * (grad_bce / (count + 1))
-            grad = grad.addcmul_(s, per_pixel.unsqueeze(1)).contiguous()  # a copy only for channels-last logits
-            # −per_pixel at each pixel's label channel; a 1-d scatter-add is deterministic on CUDA too
+            grad = grad.addcmul_(s, per_pixel.unsqueeze(1))
+            # −per_pixel at each pixel's label channel, by a 1-d scatter-add (deterministic on CUDA too) into the
+            # gradient's storage: NCHW or, for channels-last logits (the default layout), NHWC; one index per pixel
             n, k, h, w = grad.shape
-            index = (torch.arange(n, device=grad.device).view(n, 1, 1) * k + labels) * (h * w)
-            index += torch.arange(h * w, device=grad.device).view(h, w)
-            grad.view(-1).scatter_add_(0, index.view(-1), -per_pixel.reshape(-1))
+            batch = torch.arange(n, device=grad.device).view(n, 1, 1)
+            pixel = torch.arange(h * w, device=grad.device).view(h, w)
+            if grad.is_contiguous():
+                storage, index = grad.view(-1), (batch * k + labels) * (h * w) + pixel
+            else:
+                grad = grad.contiguous(memory_format=torch.channels_last)  # no copy for channels-last logits
+                storage, index = grad.permute(0, 2, 3, 1).view(-1), (batch * (h * w) + pixel) * k + labels
+            storage.scatter_add_(0, index.view(-1), -per_pixel.reshape(-1))
         return grad, None, None, None
 
 

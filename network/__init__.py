@@ -54,6 +54,14 @@ def model_options(name: str) -> list[str]:
     return [p for p in params if p not in ("self", "num_classes")]
 
 
+def option_defaults(name: str) -> dict[str, Any]:
+    """The value each option of `name` takes when a config does not set it (an alias's pinned values included)."""
+    target, pinned = resolve_name(name)
+    params = inspect.signature(_REGISTRY[target]).parameters
+    defaults = {p: params[p].default for p in model_options(target) if params[p].default is not inspect.Parameter.empty}
+    return {**defaults, **pinned}
+
+
 def build_model(name: str, num_classes: int, **options: Any) -> nn.Module:
     """Build a registered model; unknown options fail with the closest valid one."""
     target, pinned = resolve_name(name)

@@ -1,6 +1,6 @@
 """Auto-labelling end to end: teacher -> auto-labels of the unlabelled split -> student, and a fine-only model.
 
-    python scripts/autolabel.py --out DIR [--config RECIPE] [--teacher CKPT] [--seeds 0 1] [key=value ...]
+    python scripts/autolabel.py --out DIR [--config RECIPE] [--teacher CKPT] [--seeds 0,1] [key=value ...]
 
 Stages (each skipped when its outputs exist and were made from the same inputs, and resumed when interrupted):
   teacher    trains the recipe on the fine data (or, with --teacher CKPT, takes that checkpoint and scores it)
@@ -35,11 +35,36 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import yaml
+
+import eval as evaluate_cli
+import network
+import train
+from datasets import build_loader
+from datasets.base import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    DataNotFoundError,
+    Sample,
+    SegmentationDataset,
+    read_image,
+    read_mask,
+)
+from datasets.cityscapes import IMAGE_SUFFIX, find_extra_layout
+from datasets.custom import read_class_list
+from datasets.folder import class_source
+from transforms import build_transforms
+from utils.checkpoint import checkpoint_paths, load_checkpoint
+from utils.cli import CliError, debug_enabled, one_line_errors, run_cli
+from utils.config import Config, ConfigError, load_config, load_yaml_values, to_dict, to_yaml
+from utils.engine import evaluate
+from utils.evaluation.autolabel_page import ThresholdStats, sample_pictures, write_autolabel_page, write_pictures
+from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
+from utils.inference import Inference
+from utils.runtime.dist import barrier, cleanup, init_distributed
 
 STAGES = ("teacher", "autolabel", "student", "fine_only", "report")
 # The SOTA recipe's coarse settings: the student's unless the recipe or an override sets data.coarse.* itself.
@@ -55,15 +80,25 @@ class StageError(RuntimeError):
     """A stage failed; the message names it and says what to do."""
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="pipeline folder (stages, run folders, report.json)")
     p.add_argument("--config", default=None, help="YAML recipe (default: the embedded demo)")
     p.add_argument("overrides", nargs="*", help="key=value for every stage; teacher.key=value, student.key=value")
     p.add_argument("--teacher", default=None, help="teacher checkpoint: no teacher training")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="train.seed of the student and fine-only runs (default: the recipe's); several give the "
-                        "noise between seeds")
+    p.add_argument("--seeds", type=seed_list, default=None,
+                   help="comma-separated train.seed values of the student and fine-only runs, e.g. 0,1 (default: "
+                        "the recipe's); several give the noise between seeds")
     p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="run one stage (default: all)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also: HMSA_DEBUG=1)")
     return p.parse_intermixed_args(argv)
@@ -87,8 +122,6 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 def recipe_sets_coarse(config: str | None, overrides: list[str]) -> set[str]:
     """data.coarse.* keys that the recipe or the overrides set (the rest take the SOTA recipe's values)."""
-    from utils.config import load_yaml_values
-
     values = load_yaml_values(config) if config else {}
     found = set((values.get("data") or {}).get("coarse") or {})
     for text in overrides:
@@ -130,9 +163,7 @@ class Plan:
     teacher: list[str]
     student: list[str]
 
-    def load(self, overrides: list[str]):
-        from utils.config import load_config
-
+    def load(self, overrides: list[str]) -> Config:
         return load_config(self.config, overrides)
 
     def teacher_overrides(self) -> list[str]:
@@ -196,9 +227,6 @@ def log(message: str) -> None:
 
 def run_training(plan: Plan, stage: str, overrides: list[str], extra: dict | None = None) -> dict:
     """Train (or skip, or resume) one run; returns its stage entry with the final val mIoU (and `extra`)."""
-    import train
-    from utils.config import to_dict
-
     extra = extra or {}
     cfg = plan.load(overrides)
     h = stage_hash(to_dict(cfg), {"stage": "train", **extra})
@@ -226,8 +254,6 @@ def run_training(plan: Plan, stage: str, overrides: list[str], extra: dict | Non
 
 def call(main: Callable[[list[str]], Any], argv: list[str], stage: str) -> Any:
     """Run train.py / eval.py's main in this process; its one-line error (or exit) becomes a StageError."""
-    from utils.cli import CliError
-
     try:
         return main(argv)
     except CliError as e:
@@ -241,17 +267,12 @@ def call(main: Callable[[list[str]], Any], argv: list[str], stage: str) -> Any:
 def teacher_stage(plan: Plan) -> dict:
     if plan.teacher_ckpt is None:
         entry = run_training(plan, "teacher", plan.teacher_overrides())
-        from utils.checkpoint import checkpoint_paths
-
         found = checkpoint_paths(entry["folder"])
         if not found:
             raise StageError(f"stage teacher: no checkpoint in {entry['folder']}")
         entry["checkpoint"] = found[0]
         return record(plan.out, "teacher", entry["folder"], entry["hash"],
                       {k: v for k, v in entry.items() if k not in ("stage", "folder", "hash")})
-    import eval as evaluate_cli
-    from utils.config import to_dict
-
     ckpt = os.path.abspath(plan.teacher_ckpt)
     if not os.path.isfile(ckpt):
         raise StageError(f"stage teacher: --teacher {plan.teacher_ckpt}: no such file (give a checkpoint, or leave "
@@ -269,8 +290,6 @@ def teacher_stage(plan: Plan) -> dict:
         done = {"hash": h, "miou": summary["miou"], "checkpoint": ckpt, "eval_scales": summary["scales"],
                 "seconds": round(time.time() - start, 1)}
         with open(os.path.join(folder, "config.yaml"), "w") as f:
-            from utils.config import to_yaml
-
             f.write(to_yaml(cfg))
         if is_main():
             write_json(os.path.join(folder, "report.json"), done)
@@ -284,9 +303,6 @@ def teacher_stage(plan: Plan) -> dict:
 def extra_images(data) -> list[tuple[str, str]]:
     """(image path, output name) of every image of the unlabelled split; the output name is the path of the
     label file without .png under the auto-label folder, in the layout the coarse-data reader takes."""
-    from datasets.base import IMAGE_EXTENSIONS, DataNotFoundError
-    from datasets.cityscapes import IMAGE_SUFFIX, find_extra_layout
-
     if data.dataset in ("cityscapes", "synthetic"):
         image_dir, _ = find_extra_layout(data.root)
         out = []
@@ -298,8 +314,8 @@ def extra_images(data) -> list[tuple[str, str]]:
     if data.dataset == "custom":
         folder = os.path.join(data.root, data.custom.image_dir.format(split=EXTRA_SPLIT))
         if not os.path.isdir(folder):
-            raise DataNotFoundError(f"no unlabelled split to auto-label: {folder} does not exist (data.custom.image_dir "
-                                    f"with {{split}} = {EXTRA_SPLIT})")
+            raise DataNotFoundError(f"no unlabelled split to auto-label: {folder} does not exist "
+                                    f"(data.custom.image_dir with {{split}} = {EXTRA_SPLIT})")
         out = []
         for d, _, files in os.walk(folder):
             for f in sorted(files):
@@ -312,13 +328,14 @@ def extra_images(data) -> list[tuple[str, str]]:
 
 
 def autolabel_stage(plan: Plan, teacher: dict) -> dict:
-    from utils.config import to_dict, to_yaml
-
     cfg = plan.load(plan.teacher_overrides())
-    h = stage_hash(to_dict(cfg), {"stage": "autolabel", "teacher": teacher["hash"],
-                                  "threshold": student_threshold(plan)})
+    # The labels depend on the teacher and its inference settings; the threshold only on what is counted, so
+    # another threshold recounts the written labels without labelling again.
+    h = stage_hash(to_dict(cfg), {"stage": "autolabel", "teacher": teacher["hash"]})
     folder = os.path.join(plan.out, f"autolabel_{h}")
     done = finished(folder, h)
+    if done is not None and done["threshold"] != student_threshold(plan):
+        done = None
     if done is None:
         log(f"autolabel: labelling the {EXTRA_SPLIT} images with {teacher['checkpoint']} at scales "
             f"{list(cfg.eval.scales)}{' + flip' if cfg.eval.flip else ''} -> {folder}/labels")
@@ -337,27 +354,13 @@ def autolabel_stage(plan: Plan, teacher: dict) -> dict:
 
 
 def student_threshold(plan: Plan) -> float:
-    cfg = plan.load(plan.student_overrides(0, "x"))
-    return cfg.data.coarse.autolabel_threshold
+    """The threshold the student will apply (the auto-label stage counts the pixels it keeps)."""
+    return plan.load(plan.student_overrides(plan.seeds[0], "")).data.coarse.autolabel_threshold
 
 
 def label_images(cfg, checkpoint: str, folder: str, threshold: float) -> dict:
     """Write the teacher's label-id and probability PNGs of every unlabelled image under folder/labels (resumed:
     written files are skipped), then count the pixels the threshold keeps and write the sample page."""
-    import network
-    from datasets import build_loader
-    from datasets.base import Sample, SegmentationDataset
-    from datasets.folder import class_source
-    from datasets.custom import read_class_list
-    from transforms import build_transforms
-    from utils.checkpoint import load_checkpoint
-    from utils.engine import evaluate
-    from utils.evaluation.autolabel_page import ThresholdStats, sample_pictures, write_autolabel_page, write_pictures
-    from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
-    from utils.inference import Inference
-    from utils.runtime.dist import barrier, cleanup, init_distributed
-    from datasets.base import read_image, read_mask
-
     if cfg.data.dataset == "custom":
         classes, table = read_class_list(cfg.data.custom.classes)
     else:
@@ -384,6 +387,8 @@ def label_images(cfg, checkpoint: str, folder: str, threshold: float) -> dict:
     finally:
         cleanup()
     log(f"autolabel: {len(todo)} images labelled, {len(images) - len(todo)} were already")
+    if not is_main():  # rank 0 counts and writes the page
+        return {"images": len(images)}
     stats = ThresholdStats(classes.num_classes, threshold)
     samples = []
     picks = set(np.linspace(0, len(images) - 1, min(NUM_SAMPLES, len(images))).round().astype(int).tolist())
@@ -394,7 +399,7 @@ def label_images(cfg, checkpoint: str, folder: str, threshold: float) -> dict:
         stats.add(train_ids, prob)
         if i in picks:
             pictures = sample_pictures(read_image(image_path), train_ids, prob, threshold, classes.palette)
-            files = write_pictures(os.path.join(folder, "page"), os.path.basename(name), pictures)
+            files = write_pictures(os.path.join(folder, "page"), name.replace("/", "_"), pictures)
             samples.append({"name": name, "files": files})
     page = write_autolabel_page(os.path.join(folder, "page", "index.html"),
                                 f"auto-labels of {cfg.data.dataset}/{EXTRA_SPLIT}, threshold {threshold:g}", stats,
@@ -465,13 +470,16 @@ def run(plan: Plan, stage: str) -> dict | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    from utils.cli import CliError, debug_enabled, one_line_errors
-    from utils.config import ConfigError
-    from datasets.base import DataError
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
+
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     with one_line_errors(args.debug or debug_enabled(), (StageError, ConfigError, DataError, ValueError)):
+        if args.stage == "all" and world_size() > 1:
+            raise CliError("several processes run one stage at a time (--stage NAME, as scripts/slurm/autolabel.sh "
+                           "does): each stage reads what the previous one's rank 0 wrote")
         parts = split_overrides(args.overrides)
         plan = Plan(os.path.abspath(args.out), args.config, args.teacher, [], parts["all"], parts["teacher"],
                     parts["student"])
@@ -489,6 +497,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    from utils.cli import run_cli
-
     run_cli(main, sys.argv[1:])

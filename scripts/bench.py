@@ -731,11 +731,14 @@ def _drive(tree: str, driver: str, args: list[str], threads: int) -> dict[str, A
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_against(setup: Setup, rev: str, calls: int, workdir: str) -> dict[str, Any]:
+def bench_against(setup: Setup, rev: str, calls: int, workdir: str,
+                  workloads: Sequence[str] = ("eval", "train")) -> dict[str, Any]:
     """The working tree against revision `rev` (checked out into a temporary git worktree, removed afterwards):
     each workload in alternating processes, round by round (the order reversed every other round); per-round
     ratios of the median times, and each revision's first-call errors against float64."""
-    sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}") if rev else ""
+    found = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True)
+    sha = found.stdout.strip() if found.returncode == 0 else ""
     if not sha:
         raise AgainstError(f"--against {rev!r}: not a commit of this repository (try a hash, a branch or HEAD~1)")
     tree = tempfile.mkdtemp(prefix="hmsa_against_")
@@ -745,7 +748,7 @@ def bench_against(setup: Setup, rev: str, calls: int, workdir: str) -> dict[str,
         shutil.copy(os.path.join(ROOT, "scripts", "bench_driver.py"), driver)
         trees = {"ours": ROOT, "theirs": tree}
         common: dict[str, list[str]] = {}
-        for workload, name in AGAINST_WORKLOADS:
+        for workload, name in [w for w in AGAINST_WORKLOADS if w[0] in workloads]:
             weights = os.path.join(workdir, f"{name}.pt")
             opts = ["--model", name, "--options", json.dumps(model_options(setup.width, name)), "--weights", weights]
             if not os.path.exists(weights):  # the same weights in both revisions
@@ -821,6 +824,7 @@ def against_table(result: dict[str, Any]) -> str:
         def settings(s: dict[str, Any]) -> str:
             key = "train_channels_last" if r["workload"] == "train" else "eval_channels_last"
             text = "channels-last" if s.get(key) else "contiguous"
+            text += ", freed memory kept" if s.get("retain_memory") else ""
             return text + (f", {s['optimizer']}" if "optimizer" in s else "")
 
         upd = (f"{fmt(r['ours_update_err'], '.1e')} / {fmt(r['theirs_update_err'], '.1e')}"
@@ -983,6 +987,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Setup, argparse.Namespace]:
                              "evaluation and training step in alternating processes (crop 256x256, eval 256x512 "
                              "unless given)")
     parser.add_argument("--calls", type=int, default=2, help="--against: timed calls per process (after a warm-up)")
+    parser.add_argument("--workloads", nargs="+", choices=("eval", "train"), default=["eval", "train"],
+                        help="--against: which workloads (both models each)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -1042,7 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hmsa_bench_") as workdir:
         if args.against is not None:
             try:
-                results = {"machine": info, "against": bench_against(setup, args.against, args.calls, workdir)}
+                results = {"machine": info, "against": bench_against(setup, args.against, args.calls, workdir,
+                                                                          args.workloads)}
             except AgainstError as e:
                 raise SystemExit(f"error: {e}") from None
             print(against_table(results["against"]) + "\n", flush=True)

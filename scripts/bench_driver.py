@@ -7,8 +7,9 @@ to that revision's code. It therefore uses only what every revision since the fi
 and it applies what that revision's own entry points do by default:
   * train.py converts the model and the images to channels-last when `run.channels_last` (before the config
     rename: `train.channels_last`) is true, and builds its optimizer with `train.build_optimizer`;
-  * eval.py places the model with `utils.runtime.layout.place_model` (channels-last when `run.channels_last`);
-    a revision without that module evaluated in the default (contiguous) layout.
+  * train.py and eval.py place the model with `utils.runtime.layout.place_model` (channels-last when
+    `run.channels_last`; freed host memory kept for reuse when `run.host_memory: retain`); a revision without
+    that module evaluated in the default (contiguous) layout and left malloc as it is.
 The timed calls are the training step (forward, RMI recipe loss, backward, optimizer step) on a fixed batch, and
 the n-scale inference `model(images, scales)` under inference_mode (what both evaluation paths compute: the
 benchmark's `predict()` column is within 0.98-1.05x of it). Times are the process's CPU time.
@@ -44,8 +45,9 @@ def revision_defaults() -> dict[str, Any]:
         from utils.runtime.layout import place_model
     except ImportError:
         place_model = None
+    retain = getattr(section, "host_memory", "release") == "retain"
     return {"cfg": cfg, "train_channels_last": train_cl, "eval_channels_last": train_cl and place_model is not None,
-            "place_model": place_model}
+            "place_model": place_model, "retain_memory": retain}
 
 
 def build(args: argparse.Namespace) -> torch.nn.Module:
@@ -81,8 +83,11 @@ def train_call(args: argparse.Namespace, defaults: dict[str, Any], model: torch.
     images, target = inputs(args, args.crop, args.batch)
     images = images.to(dtype)
     model.to(dtype).train()
-    if channels_last:
+    if defaults["place_model"] is not None:  # as the revision's train.py places it
+        defaults["place_model"](model, torch.device("cpu"), channels_last, defaults["retain_memory"])
+    elif channels_last:
         model.to(memory_format=torch.channels_last)
+    if channels_last:  # as its train step moves the images
         images = images.contiguous(memory_format=torch.channels_last)
     # the original's Cityscapes RMI recipe: main RMI, auxiliary BCE x 0.4, each scale's own output BCE x 0.05
     criterion = build_criterion(LossConfig(main="rmi", aux="bce", scale="bce", aux_weight=0.4, scale_weight=0.05),
@@ -106,7 +111,7 @@ def eval_call(args: argparse.Namespace, defaults: dict[str, Any], model: torch.n
     images = images.to(dtype)
     model.to(dtype).eval()
     if defaults["place_model"] is not None:
-        model = defaults["place_model"](model, torch.device("cpu"), channels_last)
+        model = defaults["place_model"](model, torch.device("cpu"), channels_last, defaults["retain_memory"])
 
     def infer() -> dict[str, torch.Tensor]:
         with torch.inference_mode():
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     defaults = revision_defaults()
     info = {"train_channels_last": defaults["train_channels_last"],
-            "eval_channels_last": defaults["eval_channels_last"]}
+            "eval_channels_last": defaults["eval_channels_last"],
+            "retain_memory": defaults["retain_memory"] and defaults["place_model"] is not None}
     if args.check:
         print(json.dumps({**info, **check(args, defaults)}))
         return 0

@@ -45,7 +45,7 @@ import torch
 
 import network
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
-from utils.config import Config, ConfigError, diff_configs, load_config, to_dict, to_yaml
+from utils.config import Config, ConfigError, load_config, training_differences, to_dict, to_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("single", "explicit", "hierarchical")
@@ -155,7 +155,7 @@ class State:
                     saved = json.load(f)
             except (OSError, ValueError) as e:
                 raise CliError(f"{self.path} is unreadable ({e}): remove it to start the table again") from e
-            differ = diff_configs(saved.get("config", {}), cfg)
+            differ = training_differences(saved.get("config", {}), cfg)
             if differ:
                 raise CliError(f"{out} holds a Table 3 of another recipe ({'; '.join(differ)}): use another --out, "
                                "or the recipe and overrides it was started with")

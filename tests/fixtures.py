@@ -17,7 +17,7 @@ from datasets.synthetic import generate_synthetic_cityscapes
 # registered model that no row fits).
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "deeplab": {"trunk": "resnet18", "aspp_ch": 8, "fine_ch": 8, "head_ch": 8, "attn_ch": 8},
-    "ocrnet": {"trunk": "hrnet_w18_small", "mid_ch": 16, "key_ch": 8, "attn_ch": 16},
+    "ocrnet": {"trunk": "hrnet_w18_small", "mid_ch": 32, "key_ch": 16, "attn_ch": 16},
 }
 FAMILY_OPTION = {"deeplab": "aspp_ch", "ocrnet": "mid_ch"}
 

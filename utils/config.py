@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,7 +185,8 @@ class RunConfig:
     output_dir: str = "runs"  # a run lives in output_dir/name
     name: str = "demo"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False  # NHWC memory layout for model and images (faster convolutions on tensor cores)
+    channels_last: bool = True  # NHWC memory layout for model and images: faster convolutions (CPU oneDNN, GPU tensor cores), fp32 rounding
+    host_memory: Literal["retain", "release"] = "retain"  # on a CPU: keep freed tensor memory for reuse (no page faults per step) | give it back to the OS
     dist_timeout: int = 600  # seconds a collective (or the start-up rendezvous) may wait before the run stops
 
 
@@ -203,8 +205,12 @@ class EvalConfig:
     dump: Literal["none", "first", "all", "every", "worst"] = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
     dump_dir: str = "eval"  # training's final evaluation; relative to the run folder (or absolute)
     video_attention: bool = False  # video mode: attention heat maps side by side with the overlay
-    memory_budget: int | str = ""  # bytes, or a size like "12GiB": plan evaluation to fit; "": CUDA free memory, no limit on a CPU
-    memory_fallback: Literal["exact", "any"] = "exact"  # schedules over the budget may be: exact only | also approximate (windows, half precision)
+    # bytes (int) or a size like "12GiB": evaluation is planned to fit; "": the CUDA device's free memory, no limit
+    # on a CPU
+    memory_budget: Any = ""
+    # exact: only schedules with the unconstrained run's predictions | any: also approximate ones (sliding windows,
+    # half precision), each reported with its measured difference
+    memory_fallback: Literal["exact", "any"] = "exact"
 
 
 @dataclass(frozen=True)
@@ -431,11 +437,30 @@ def _validate_eval(e: EvalConfig) -> None:
     if e.dump == "every" and e.num_dump == 0:
         raise ConfigError("eval.dump=every needs eval.num_dump >= 1 (the step between dumped images)")
     try:
-        from utils.inference.memory import parse_bytes  # here: utils.inference imports the network at load
-
         parse_bytes(e.memory_budget)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str | None, key: str = "eval.memory_budget") -> int | None:
+    """A byte count from an int or a string such as '12GiB', '800 MB', '1.5G' (powers of 1024 for KiB/MiB/GiB/TiB,
+    of 1000 otherwise); None and "" (no budget given) give None. A one-line error naming `key` for anything else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB' or '800MB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def to_dict(obj: Any) -> Any:
@@ -554,6 +579,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             parts = ALIASES[old].split(".") + parts[2:]
         _set_path(values, parts, value)
     return validate(_build(Config, values))
+
+
+# Keys that do not change the weights a run produces: a resume (or a rerun of a pipeline stage) may change them.
+RESULT_NEUTRAL = ("eval.", "run.name:", "run.output_dir:", "run.channels_last:")
+
+
+def training_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """`diff_configs` without the keys of RESULT_NEUTRAL: what would make a resumed run another run."""
+    return [d for d in diff_configs(saved, cfg) if not d.startswith(RESULT_NEUTRAL)]
 
 
 def diff_configs(a: Config | dict[str, Any], b: Config) -> list[str]:

@@ -16,6 +16,7 @@ from network.layers import resize
 from .runtime.dist import all_reduce_sum, no_sync
 from .evaluation.dumps import ImageDumper, LabelIdWriter, image_miou, make_record
 from .inference import Combo, Inference
+from .inference.memory import planned_pass
 from .evaluation.metrics import confusion_counter
 from .runtime.precision import autocast
 
@@ -127,7 +128,7 @@ def predict(model: nn.Module, images: torch.Tensor, how: Inference) -> dict[str,
     flips), and each scale's own `pred_{s}x` (and `attn_{s}x` for attention models) at that scale's resolution.
     The caller chooses the autocast context (`how.precision` is applied by `evaluate`)."""
     combo = how.combo(model)
-    run = how.run(model, images, [combo], keep=combo.scales)
+    run = planned_pass(how, model, images, [combo], keep=combo.scales)
     return {"pred": run.logits(combo), **run.maps()}
 
 
@@ -192,7 +193,7 @@ def evaluate(
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
         with autocast(how.precision, device):
-            run = how.run(model, images, combos, keep=setting.scales if dumper is not None else ())
+            run = planned_pass(how, model, images, combos, keep=setting.scales if dumper is not None else ())
         logits = run.logits(setting).float()
         if target is not None and logits.shape[-2:] != target.shape[-2:]:
             logits = resize(logits, target.shape[-2:])  # labels kept at native size (data.eval_native_labels)

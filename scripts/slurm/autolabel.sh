@@ -20,7 +20,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --out=*) out=${args[$i]#--out=} ;;
     esac
 done
-[ -n "$out" ] || { echo "usage: autolabel.sh [sbatch options --] --out DIR [arguments...]: --out is missing" >&2; exit 2; }
+if [ -z "$out" ]; then
+    echo "usage: autolabel.sh [sbatch options --] --out DIR [arguments...]: --out is missing" >&2
+    exit 2
+fi
 here=$(cd "$(dirname "$0")" && pwd)
 
 submit() {  # submit STAGE DEPENDENCIES(colon-separated job ids, or ''): prints the job id

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import inspect
 import os
 import re
 
@@ -84,6 +83,7 @@ CITYSCAPES_TRAIN = {
     "gpus": 8,
     "global_batch": 8,
 }
+OCR_OPTIONS = ("model.options.mid_ch", "model.options.key_ch")  # HRNet-OCR only
 TABLE: dict[str, dict[str, object]] = {
     "cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048.yaml": {**CITYSCAPES_TRAIN, **NO_COARSE},
     "cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048_sota.yaml": {
@@ -133,6 +133,25 @@ TABLE: dict[str, dict[str, object]] = {
         "gpus": 8,
         "global_batch": 16,
     },
+    # Table 3 (ResNet-50 DeepLabV3+): the paper publishes no schedule of its own; the original's Mapillary one.
+    "mapillary/table3_deeplabv3plus_r50.yaml": {
+        **{k: v for k, v in TRAIN_DEFAULTS.items() if k not in OCR_OPTIONS},
+        **NO_COARSE,
+        "data.dataset": "mapillary",
+        "data.augment.crop_size": (1024, 1024),
+        "data.augment.long_edge": 2177,
+        "data.eval_size": 2177,
+        "data.batch_size": 2,
+        "train.lr": 5e-3,
+        "train.max_epoch": 200,
+        "model.name": "hmsa_deeplabv3plus",
+        "model.options.trunk": "resnet50",
+        "model.options.lo_scale": 0.5,
+        "model.options.attn_ch": 256,  # SEGATTN_BOT_CH
+        "model.options.attn_bn_stats": "both",
+        "model.pretrained": "resnet50-19c8e357.pth",
+        "model.snapshot": "",
+    },
     "mapillary/eval_hmsa_ocrnet_hrnet_w48_2177.yaml": {
         "data.dataset": "mapillary",
         "data.val_split": "val",
@@ -163,13 +182,7 @@ def model_option(cfg: Config, option: str) -> object:
     """The value the model factory gets: the recipe's option, else the factory's default."""
     if option in cfg.model.options:
         return cfg.model.options[option]
-    target, pinned = network.resolve_name(cfg.model.name)
-    if option in pinned:
-        return pinned[option]
-    from network.ocrnet import MscaleOCRNet
-
-    assert target == "hmsa_ocrnet_hrnet_w48", target
-    return inspect.signature(MscaleOCRNet).parameters[option].default
+    return network.option_defaults(cfg.model.name)[option]
 
 
 def gpus(header: str) -> int:

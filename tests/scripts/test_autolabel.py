@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets import build_dataset
+from datasets import DataError, build_dataset
 from datasets.synthetic import generate_synthetic_cityscapes
 from scripts import autolabel
 from utils.config import load_config, to_dict
@@ -38,6 +38,17 @@ def test_overrides_split_by_stage_prefix():
                                        "teacher=1"])
     assert parts == {"all": ["train.lr=0.1", "teacher=1"], "teacher": ["train.max_iter=9"],
                      "student": ["eval.flip=true"]}
+
+
+def test_arguments_seeds_and_one_stage_per_process_group(monkeypatch, capsys):
+    args = autolabel.parse_args(["--out", "x", "--seeds", "0,3", "train.lr=0.1", "--stage", "student"])
+    assert (args.seeds, args.overrides, args.stage) == ([0, 3], ["train.lr=0.1"], "student")
+    with pytest.raises(SystemExit):
+        autolabel.parse_args(["--out", "x", "--seeds", "1,1"])
+    assert "seeds must be distinct, got '1,1'" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(autolabel.CliError, match=r"several processes run one stage at a time \(--stage NAME"):
+        autolabel.main(["--out", "x"])
 
 
 def test_stage_hash_ignores_output_paths_and_follows_config_and_inputs():
@@ -143,6 +154,49 @@ def test_student_rules_on_hand_made_masks(tmp_path):
     assert len(fine) == 2  # fine-only: no auto-labelled images
 
 
+def custom_data(root: Path) -> Path:
+    """A custom dataset (class list with an id map) with train, val and an unlabelled train_extra split."""
+    root.mkdir()
+    (root / "classes.yaml").write_text("names: [background, road, car]\nid_map: {0: 0, 7: 1, 26: 2, 255: 255}\n")
+    rng = np.random.default_rng(0)
+    for split, names in (("train", ["a", "b"]), ("val", ["c"]), ("train_extra", ["city/x", "city/y"])):
+        for name in names:
+            image = root / "images" / split / f"{name}.jpg"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(image), rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+            if split != "train_extra":
+                mask = root / "masks" / split / f"{name}.png"
+                mask.parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(mask), np.where(np.arange(48)[None, :] < 24, 7, 26).repeat(32, 0).astype(np.uint8))
+    return root
+
+
+def test_custom_dataset_takes_autolabels_the_same_way(tmp_path):
+    root = custom_data(tmp_path / "custom")
+    common = ["data.dataset=custom", f"data.root={root}", f"data.custom.classes={root / 'classes.yaml'}",
+              "data.num_workers=0"]
+    plan = autolabel.Plan(str(tmp_path), None, None, [0], common, [],
+                          ["data.coarse.boost_classes=[1,2]", "data.coarse.dropout_classes=[]",
+                           "data.coarse.mask_out=false"])
+    cfg = load_config(None, plan.student_overrides(0, str(tmp_path / "labels")))
+    assert autolabel.extra_images(cfg.data) == [(str(root / "images/train_extra/city/x.jpg"), "city/x"),
+                                               (str(root / "images/train_extra/city/y.jpg"), "city/y")]
+    for name in ("x", "y"):  # what the autolabel stage writes: label values of the id map, probability
+        (tmp_path / "labels" / "city").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "labels" / "city" / f"{name}.png"), np.full((32, 48), 26, np.uint8))
+        prob = np.full((32, 48), 255, np.uint8)
+        prob[:, :10] = 100
+        cv2.imwrite(str(tmp_path / "labels" / "city" / f"{name}_prob.png"), prob)
+    ds = build_dataset(cfg.data, "train", train=True)
+    assert ds.num_main == 2 and len(ds) == 4 and ds.samples[3].name == "city_y"
+    m = ds.load_mask(3)
+    assert (m[:, :10] == 255).all() and (m[:, 10:] == 2).all()  # car (id 26 -> 2); below 0.5 -> ignore
+    assert len(build_dataset(cfg.data, "val", train=False)) == 1
+    (tmp_path / "labels" / "city" / "y_prob.png").unlink()
+    with pytest.raises(DataError, match=r"1 train_extra image\(s\) without an autolabel .*: city/y"):
+        build_dataset(cfg.data, "train", train=True)
+
+
 # ----------------------------------------------------------------------------------------------- stages
 
 
@@ -211,14 +265,19 @@ def test_finished_stages_are_skipped_and_changed_inputs_rerun(pipeline, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps  # nothing redone
     err = capsys.readouterr().err
     assert err.count("done already") == 4 and "training" not in err
-    # Another student budget: teacher and auto-labels are kept, the student and the fine-only model are new.
-    other = run_pipeline(out, *args, "student.train.max_iter=3")
+    # Another student budget and threshold: the teacher is kept, the auto-labels are recounted (not labelled
+    # again), the student and the fine-only model are new.
+    other = run_pipeline(out, *args, "student.train.max_iter=3", "student.data.coarse.autolabel_threshold=0.3")
     assert other["stages"]["teacher"] == report["stages"]["teacher"]
     assert other["stages"]["autolabel"] == report["stages"]["autolabel"]
+    recount = json.loads((Path(other["stages"]["autolabel"]) / "done.json").read_text())
+    assert (recount["threshold"], recount["labelled_now"], other["threshold"]) == (0.3, 0, 0.3)
+    assert other["kept_share"] >= report["kept_share"]
     assert other["stages"]["student_s0"] != report["stages"]["student_s0"]
     assert other["stages"]["fine_only_s0"] not in (report["stages"]["fine_only_s0"], other["stages"]["student_s0"])
     assert json.loads((Path(other["stages"]["student_s0"]) / "report.json").read_text())["iterations"] == 3
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the first runs' results untouched
+    recounted = Path(other["stages"]["autolabel"]) / "done.json"
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != recounted)  # the first runs' untouched
 
 
 @pytest.mark.slow

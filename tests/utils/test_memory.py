@@ -109,7 +109,8 @@ def measured_eval(model, how, images, target, **kw):
     return tensor_bytes(model) + images.numel() * 4 + target.numel() * 8 + mem.peak, result
 
 
-@pytest.mark.parametrize("fallback", ["exact", pytest.param("any", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("fallback", ["exact", "any"])
 def test_predicted_eval_peak_is_within_10_percent_of_the_measured_count(demo, fallback):
     _, model = demo
     how = Inference.make([0.5, 1.0, 2.0], flip=True)
@@ -153,6 +154,7 @@ def test_a_budget_below_every_exact_schedule_stops_before_the_first_image(demo):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_approximate_schedules_only_with_fallback_any_and_reported(demo, caplog):
     _, model = demo
     how = Inference.make([0.5, 1.0, 2.0], flip=False, memory_fallback="any")
@@ -192,6 +194,7 @@ def test_sweep_and_dumps_work_under_every_schedule(demo, tmp_path):
             assert c1 == c2 and torch.equal(h1, h2), (schedule.label, c1.label)
 
 
+@pytest.mark.slow
 def test_train_check_refuses_with_predicted_available_and_what_fits(demo):
     cfg, _ = demo
     cfg = replace(cfg, data=replace(cfg.data, batch_size=4, augment=replace(cfg.data.augment, crop_size=(64, 64))))

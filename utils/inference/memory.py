@@ -19,8 +19,6 @@ CUDA context (~0.5 GB). CPU autocast stands in for CUDA autocast in traces (CUDA
 from __future__ import annotations
 
 import logging
-import math
-import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from utils.config import parse_bytes
 from utils.runtime.precision import autocast
 
 from .multiscale import (
@@ -48,27 +47,6 @@ from .multiscale import (
 )
 
 _log = logging.getLogger(__name__)
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | str | None, key: str = "eval.memory_budget") -> int | None:
-    """A byte count from an int or a string such as '12GiB', '800 MB', '1.5G' (powers of 1024 for KiB/MiB/GiB/TiB,
-    of 1000 otherwise); None and "" (no budget given) give None. A clear one-line error naming `key` for anything else."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB', got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{key} must be positive, got {value}")
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"{key}: expected a byte count or a size such as '12GiB' or '800MB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 def format_bytes(n: int | float) -> str:
     """1.5 GiB, 230.0 MiB, 12.0 KiB."""
@@ -627,3 +605,18 @@ def check_train_memory(cfg: Any, num_classes: int, device: torch.device, ignore_
         "none of half the batch, a half precision or a 0.75x crop fits: use a smaller model or crop"
     raise MemoryPlanError(f"a training step ({step.label}) is planned at {format_bytes(peak)} ({peak} bytes) but "
                           f"{where} has {format_bytes(available)} ({available} bytes): {advice}")
+
+
+def planned_pass(
+    how: Inference, model: nn.Module, images: torch.Tensor, combos: Sequence[Combo], keep: Iterable[float] = ()
+) -> MultiScalePass | ScheduledPass:
+    """The network over `images` for every combination of `combos` (and the per-scale maps of the scales `keep`,
+    for dumps), under `how.schedule`, or under the cheapest schedule whose planned peak fits the memory budget
+    (logged; a clear error when none may be used). Run it under the autocast of `how.precision`."""
+    schedule = how.schedule
+    if schedule is None:
+        schedule = choose_schedule(model, images, combos, keep, how)
+    if schedule == UNCONSTRAINED:
+        scales = {s for c in combos for s in c.scales} | set(keep)
+        return MultiScalePass(model, images, scales, any(c.flip for c in combos), how.window, how.overlap)
+    return ScheduledPass(model, images, combos, schedule, keep, how.window, how.overlap)

@@ -19,6 +19,7 @@ from torch import nn
 from network.layers import rescale, resize
 from network.attnscale import ExplicitBase
 from network.mscale import FUSION_RULES, MscaleBase, check_scales, fuse_step, scale_key
+from utils.config import parse_bytes
 from utils.runtime.precision import autocast
 
 from .window import Maps, check_window, sliding_forward
@@ -139,7 +140,6 @@ class Inference:
         memory_fallback: str = "exact",
         schedule: "Schedule | None" = None,
     ) -> "Inference":
-        from .memory import parse_bytes  # memory.py imports this module
 
         fusion = fusion or "attention"
         if fusion not in FUSION_RULES:
@@ -169,22 +169,6 @@ class Inference:
             return []
         check_explicit(model, self)
         return sweep_combos(list(self.sweep_sets) + [[1.0]], self.sweep_fusions, self.sweep_flips, model)
-
-    def run(
-        self, model: nn.Module, images: torch.Tensor, combos: Sequence[Combo], keep: Iterable[float] = ()
-    ) -> "MultiScalePass | ScheduledPass":
-        """The network over `images` for every combination of `combos` (and the per-scale maps of the scales
-        `keep`, for dumps), under `schedule`, or under the cheapest schedule whose planned peak fits the memory
-        budget (logged; a clear error when none may be used). Run it under the autocast of `precision`."""
-        schedule = self.schedule
-        if schedule is None:
-            from .memory import choose_schedule
-
-            schedule = choose_schedule(model, images, combos, keep, self)
-        if schedule == UNCONSTRAINED:
-            scales = {s for c in combos for s in c.scales} | set(keep)
-            return MultiScalePass(model, images, scales, any(c.flip for c in combos), self.window, self.overlap)
-        return ScheduledPass(model, images, combos, schedule, keep, self.window, self.overlap)
 
 
 # ----------------------------------------------------------------------------------------------- per-scale passes

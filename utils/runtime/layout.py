@@ -1,20 +1,45 @@
-"""Where and in which memory layout a model runs: one function for train.py and eval.py (`run.channels_last`)."""
+"""Where and how a model runs on its device: memory layout (`run.channels_last`) and, on a CPU, whether freed host
+memory is kept for reuse (`run.host_memory`). Shared by train.py and eval.py."""
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
 
 import torch
 from torch import nn
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
-def memory_format(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
 
-
-def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def place_model(model: nn.Module, device: torch.device, channels_last: bool, retain_memory: bool = False) -> nn.Module:
     """`model` moved to `device`, its 4-d weights channels-last (NHWC) when asked; returned for chaining.
 
     Images need no conversion: a convolution with channels-last weights gives channels-last outputs, and the
-    layers after it keep that layout. On this project's CPU benchmark, channels-last inference is faster at fp32
-    rounding (docs/performance.md); on a GPU it lets cuDNN use tensor cores without transposes.
+    layers after it keep that layout. On a CPU, channels-last convolutions skip oneDNN's layout reorders; on a GPU
+    cuDNN uses tensor cores without transposes. `retain_memory` applies `retain_host_memory` on a CPU device.
     """
     fmt = torch.channels_last if channels_last else torch.preserve_format
+    if retain_memory and device.type == "cpu":
+        retain_host_memory()
     return model.to(device, memory_format=fmt)
+
+
+def retain_host_memory() -> bool:
+    """Keep freed host memory in the process for reuse (glibc malloc); True when applied, False elsewhere.
+
+    PyTorch's CPU tensors come straight from malloc, and glibc serves large blocks with mmap and returns them on
+    free: every training step or inference then faults its activations' pages in again, zero-filled by the kernel
+    (about 8% of a full-width inference on a CPU, docs/performance.md). Without mmap-ed blocks and with a high
+    trim threshold the pages stay mapped and are reused; the process keeps its peak memory until it exits.
+    No numbers change. Process-wide, once is enough (forked data-loader workers inherit it).
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU check, for the few minutes a machine with one NVIDIA GPU is lent (at most 5 minutes in all):
+#   1. pre-flight: torch sees a CUDA device (prints it); otherwise stop at once;
+#   2. the GPU-marked tests (tests/utils/test_gpu.py: NCCL group of one rank, SyncBN, fp16/bf16 steps against
+#      fp32, fused SGD against foreach); a skipped test counts as a failure here;
+#   3. python -m scripts.bench --device cuda --full: the training-step table (images/s, MFU, phases) of both
+#      models at 1024x1024 x 2, and the recipe section (FLOPs; Mapillary evaluation memory, measured);
+#   4. one JSON with everything: OUT (default gpu_check.json).
+# Every stage has its own time limit and the script stops at the first failure, naming the stage.
+#
+#   scripts/gpu_check.sh [OUT.json]
+#   scripts/gpu_check.sh --dry-run [OUT.json]   # on a CPU: the same stages, tiny models, the tests skipped
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY=1
+  shift
+fi
+OUT=${1:-gpu_check.json}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+PY=${PYTHON:-python}
+
+fail() {
+  echo "gpu_check: FAILED: $*" >&2
+  exit 1
+}
+
+# stage NAME SECONDS COMMAND...: runs COMMAND under a time limit; its output is kept in $WORK/NAME.log
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS rc=0
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log" || rc=${PIPESTATUS[0]}
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    fail "stage '$name' ran past its ${limit}s limit"
+  elif [[ $rc -ne 0 ]]; then
+    fail "stage '$name' exited with $rc (its output is above)"
+  fi
+  echo "$name $((SECONDS - start))" >> "$WORK/stages.txt"
+}
+
+if [[ $DRY -eq 1 ]]; then
+  DEVICE=cpu
+  BENCH=(--width tiny --crop 64x64 --eval-size 32x48 --rounds 1 --warmup 0 --sections train
+         --out "$WORK/bench.json")
+else
+  DEVICE=cuda
+  BENCH=(--device cuda --full --rounds 3 --sections train recipe --out "$WORK/bench.json")
+fi
+
+stage preflight 60 "$PY" - "$DEVICE" <<'EOF'
+import sys
+import torch
+if sys.argv[1] == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit(f"no CUDA device: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees none; "
+                 "run on a machine with an NVIDIA GPU, or use --dry-run on a CPU")
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}; "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    torch.ones(1, device="cuda").add_(1)  # a first kernel: the driver and the runtime work
+else:
+    print(f"dry run on the CPU: torch {torch.__version__}")
+EOF
+
+stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/utils/test_gpu.py -rs \
+  --junitxml="$WORK/tests.xml"
+if [[ $DRY -eq 0 ]] && grep -q '<skipped' "$WORK/tests.xml"; then
+  fail "stage 'tests': GPU tests were skipped on a machine with CUDA (reasons above)"
+fi
+
+stage bench 200 "$PY" -m scripts.bench "${BENCH[@]}"
+
+"$PY" - "$WORK" "$OUT" "$DRY" <<'EOF'
+import json, sys
+import xml.etree.ElementTree as ET
+work, out, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+suite = ET.parse(f"{work}/tests.xml").getroot()
+suite = suite if suite.tag == "testsuite" else suite[0]
+tests = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+with open(f"{work}/bench.json") as f:
+    bench = json.load(f)
+stages = dict(line.split() for line in open(f"{work}/stages.txt"))
+result = {"dry_run": dry, "device": bench["machine"]["device"], "stage_seconds": {k: int(v) for k, v in stages.items()},
+          "tests": tests, "bench": bench}
+with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+train = {r["model"]: r for r in bench.get("train", [])}
+for name, r in train.items():
+    print(f"{name}: {r['images_per_s']:.2f} img/s, MFU {r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')} "
+          f"at {r['crop'][0]}x{r['crop'][1]} x {r['batch']}")
+for r in bench.get("recipe", {}).get("memory", []):
+    if r["how"].startswith("measured"):
+        print(f"{r['case']} {r['precision']}: peak {r['peak_gib']:.2f} GiB (measured)")
+print(f"gpu_check: OK, wrote {out}")
+EOF
