@@ -43,3 +43,20 @@ def test_large_counts_stay_exact():
     big = 3 * 10**8 + 1  # above float32's exact integer range
     hist = torch.tensor([[big, 1], [0, 1]], dtype=torch.int64)
     assert compute_metrics(hist)["per_class"][0]["tp"] == big
+
+
+def test_autolabel_probability_png_truncates_as_the_original(tmp_path):
+    """uint8(255 · p) as the original writes it: p = 0.501 (127.76) is 127, below a 0.5 threshold (127.5/255)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from utils.evaluation.dumps import LabelIdWriter
+
+    p = torch.tensor([0.501, 0.499])
+    logits = p.log().view(2, 1, 1).expand(2, 2, 3)  # softmax over the two classes gives back p
+    writer = LabelIdWriter(str(tmp_path), np.array([7, 8], np.uint8), with_prob=True)
+    writer.add("img", logits)
+    prob = cv2.imread(str(tmp_path / "img_prob.png"), cv2.IMREAD_UNCHANGED)
+    ids = cv2.imread(str(tmp_path / "img.png"), cv2.IMREAD_UNCHANGED)
+    assert (prob == 127).all() and (ids == 7).all()

@@ -209,7 +209,7 @@ class LabelIdWriter:
         prob, pred = logits.float().softmax(0).max(0)
         _write_png(paths[0], self.lut[pred.cpu().numpy()])
         if self.with_prob:
-            _write_png(paths[1], (prob.cpu().numpy() * 255 + 0.5).astype(np.uint8))
+            _write_png(paths[1], (prob.cpu().numpy() * 255).astype(np.uint8))  # truncated, as the original
         self.written += 1
 
 
