@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .deeplab import DeepLabV3PlusBody
-from .layers import norm2d, rescale, resize
+from .layers import rescale, resize, seg_head
 from .mscale import FUSED_KEYS, scale_key
 from .ocrnet import OCRNetBody
 
@@ -47,16 +47,8 @@ def check_train_scales(scales: Sequence[float]) -> tuple[float, ...]:
 
 def explicit_attn_head(in_ch: int, num_scales: int, bot_ch: int, kind: str) -> nn.Sequential:
     """One logit map per scale from the concatenated features (numbered layers, as the original)."""
-    if kind == "bn":
-        return nn.Sequential(
-            nn.Conv2d(in_ch, bot_ch, 3, padding=1, bias=False),
-            norm2d(bot_ch),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(bot_ch, bot_ch, 3, padding=1, bias=False),
-            norm2d(bot_ch),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(bot_ch, num_scales, 1, bias=False),
-        )
+    if kind == "bn":  # the segmentation head's layout, one output per scale
+        return seg_head(in_ch, num_scales, bot_ch)
     if kind == "plain":
         # padding=1 on the 1x1 conv makes the map 2 px larger (zeros at the border); the original has it and
         # resizes the map to the input, as the fusion here does anyway

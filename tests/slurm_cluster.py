@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "srun")
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -252,3 +254,22 @@ class SlurmCluster:
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s:\n" + self.logs())
+
+
+def started_cluster(tmp_path_factory: Any, name: str = "slurm") -> Iterator[SlurmCluster]:
+    """The body of a test module's `cluster` fixture: a cluster started in a fresh folder, stopped afterwards;
+    the test is skipped (with the reason) where SLURM is missing or slurmd cannot launch steps."""
+    import pytest
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing: {', '.join(missing)}); .ci/run installs slurmctld, slurmd, "
+                    "slurm-client and munge")
+    if os.geteuid() != 0:
+        pytest.skip("slurmd must run as root to launch job steps")
+    cluster = SlurmCluster(tmp_path_factory.mktemp(name))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.slurm_cluster import started_cluster
+
 from datasets import DataError, build_dataset
 from datasets.synthetic import generate_synthetic_cityscapes
 from scripts import autolabel
@@ -316,18 +318,7 @@ def test_started_by_path_and_errors_are_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tests.slurm_cluster import SlurmCluster, missing_binaries
-
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed (missing: {', '.join(missing)}); .ci/run installs slurmctld, slurmd, "
-                    "slurm-client and munge")
-    if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root to launch job steps")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm_autolabel"))
-    c.start()
-    yield c
-    c.stop()
+    yield from started_cluster(tmp_path_factory, "slurm_autolabel")
 
 
 ONE_TASK = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10"]

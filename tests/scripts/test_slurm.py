@@ -7,7 +7,6 @@ Skipped, with the reason, where the SLURM and munge programs are missing or cann
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import tiny_run
-from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import SlurmCluster, started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -30,16 +29,7 @@ TWO_TASKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-pe
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed (missing: {', '.join(missing)}); .ci/run installs slurmctld, slurmd, "
-                    "slurm-client and munge")
-    if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root to launch job steps")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    yield c
-    c.stop()
+    yield from started_cluster(tmp_path_factory, "slurm")
 
 
 @pytest.fixture(scope="module")

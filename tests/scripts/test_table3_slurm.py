@@ -4,14 +4,13 @@ where SLURM is missing or cannot run."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.scripts.test_table3 import EXPECTED, tiny_overrides
-from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import started_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -21,16 +20,7 @@ ONE_TASK = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM is not installed (missing: {', '.join(missing)}); .ci/run installs slurmctld, slurmd, "
-                    "slurm-client and munge")
-    if os.geteuid() != 0:
-        pytest.skip("slurmd must run as root to launch job steps")
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    yield c
-    c.stop()
+    yield from started_cluster(tmp_path_factory, "slurm")
 
 
 def test_table3_array_then_the_table(cluster, tmp_path):
