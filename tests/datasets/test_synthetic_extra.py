@@ -27,6 +27,7 @@ def files(root: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_extra_split_layout_and_manifest(tmp_path):
     root = generate_synthetic_cityscapes(str(tmp_path / "s"), 2, 1, H, W, 0, num_extra=4)
     found = files(root)

@@ -296,6 +296,7 @@ def test_autolabel_stage_resumes_and_a_given_teacher_checkpoint_is_scored(pipeli
     assert given["autolabelled_images"] == 3 and Path(given["stages"]["teacher"]).name.startswith("teacher_")
 
 
+@pytest.mark.slow
 def test_started_by_path_and_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/autolabel.py", "--out", str(tmp_path / "o"), "--stage", "report"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -50,12 +50,14 @@ def test_against_an_unknown_revision_fails_with_the_reason(capsys):
     assert "--calls" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_started_by_path_it_runs_as_the_module():
     done = subprocess.run([sys.executable, "scripts/bench.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--against REV" in done.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_refuses_cleanly_without_cuda(tmp_path):
     import torch
 

@@ -17,6 +17,7 @@ def plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_demo_plan_by_path_prints_json_with_the_three_peaks():
     out = plan("eval.flip=true", "data.batch_size=2", "--json")
     assert out.returncode == 0, out.stderr
@@ -27,6 +28,7 @@ def test_demo_plan_by_path_prints_json_with_the_three_peaks():
     assert result["train_peak_bytes"] > 0 and "data.batch_size=2" in result["train_step"]
 
 
+@pytest.mark.slow
 def test_table_with_a_budget_and_a_bad_budget():
     out = plan("eval.memory_budget=1MiB")
     assert out.returncode == 0, out.stderr

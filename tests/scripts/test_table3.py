@@ -125,6 +125,7 @@ def test_any_family_member_names_the_family(tmp_path, name):
     assert list(cfgs["explicit"].eval.scales) == [0.5, 1.0, 2.0] and lo == 0.5
 
 
+@pytest.mark.slow
 def test_started_by_path_it_answers_help():
     r = subprocess.run([sys.executable, "scripts/table3.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
