@@ -265,14 +265,13 @@ class Validation:
     dataset: torch.utils.data.Dataset
     inference: Inference
     dump_dir: str
-    cfg: Config
 
 
 def validate(run: Training, v: Validation, preempt: Preemption, final: bool) -> dict | None:
     """Metrics of the validation split; None when a preemption signal cut it short (on every rank).
 
     A new best mIoU is saved as best.pth. The model is left in eval mode."""
-    e = v.cfg.eval
+    e = run.cfg.eval
     result = evaluate(
         run.net, v.loader, v.dataset.num_classes, v.dataset.ignore_index, v.inference, run.dist.device,
         dump_dir=v.dump_dir if final else None, dump=e.dump, num_dump=e.num_dump if final else 0,
@@ -377,7 +376,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             f.write(to_yaml(cfg))
 
     run = Training(cfg, net, optimizer, scheduler, scaler, batches, state, run_dir, dist, log, saved_at)
-    validation = Validation(val_loader, val_set, inference, dump_dir, cfg)
+    validation = Validation(val_loader, val_set, inference, dump_dir)
 
     # The loop. Scalars stay on the device except at logging steps; ranks agree on a preemption signal at those
     # steps and every PREEMPT_CHECK_STEPS steps (a collective: not on every step).
