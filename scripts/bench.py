@@ -53,6 +53,7 @@ from scripts.bench_memory import PeakMemory, estimate_peak
 from utils.config import DataConfig, LossConfig, SyntheticConfig
 from utils.engine import train_step
 from utils.inference import Inference
+from utils.runtime.layout import place_model
 from utils.runtime.precision import autocast, grad_scaler
 
 PAIRS = {"hmsa_deeplabv3plus": "deeplabv3plus", "hmsa_ocrnet_hrnet_w48": "ocrnet_hrnet_w48"}
@@ -478,6 +479,8 @@ def _train_variants(setup: Setup) -> dict[str, dict[str, Any]]:
         "SGD foreach": {"sgd": {"foreach": True}},
         "SGD fused": {"sgd": {"fused": True}},
         "channels-last": {"channels_last": True},
+        # what train.py does with run.channels_last: on a CPU also the 1x1 and weight-gradient routing
+        "channels-last as placed by train.py (CPU: 1x1 on oneDNN, weight gradients by tap)": {"placed": True},
         f"autocast {low}": {"precision": low},
     }
     if setup.device.type == "cuda":
@@ -497,6 +500,9 @@ def _train_candidate(setup: Setup, state: dict[str, torch.Tensor], spec: dict[st
     images = images.to(dtype)
     if spec.get("channels_last"):
         model, images = channels_last(model, images)
+    if spec.get("placed"):
+        model = place_model(model, setup.device, channels_last=True)
+        images = images.contiguous(memory_format=torch.channels_last)
     trainer = Trainer(model, sgd(model, **spec.get("sgd", {})), images, target, spec.get("precision", "fp32"),
                       spec.get("host_sync", False), spec.get("cudnn_benchmark"))
     if spec.get("compile"):

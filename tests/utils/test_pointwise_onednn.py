@@ -88,8 +88,9 @@ def test_channels_last_placement_keeps_the_first_update_at_fp32_rounding():
     assert ones and all(m.dilation == (2, 2) for m in ones)  # the channels-last placement routed them
     assert all(m.dilation == (1, 1) for m in plain.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
     err_nchw, err_routed = _rel(ref, nchw), _rel(ref, routed)
-    # fp32 rounding as the benchmark defines it: within 10x of the original kernels' own error against float64
-    # (the RMI loss's Cholesky amplifies the rounding of its input: 4.5e-5 contiguous, 1.8e-4 channels-last here,
-    # with or without the routing)
-    assert 0 < err_nchw < 1e-3 and 0 < err_routed < 1e-3
+    # fp32 rounding as the benchmark defines it: within 10x of the contiguous kernels' own error against float64.
+    # That error is PyTorch's and depends on the CPU (the RMI loss's Cholesky amplifies the rounding of its input:
+    # 4.5e-5 on one EPYC, 1.6e-3 on another, from the stem's weight gradient), so only ours gets an absolute bound
+    # (1.8e-4 on both, with the routed weight gradients)
+    assert err_nchw > 0 and 0 < err_routed < 1e-3
     assert err_routed < 10 * err_nchw

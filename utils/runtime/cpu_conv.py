@@ -1,0 +1,162 @@
+"""The weight gradient of CPU convolutions in training, computed by the kernel that is fastest for its shape.
+
+On a CPU in fp32 PyTorch computes a convolution's backward pass with oneDNN. For channels-last tensors oneDNN's
+weight gradient runs at 15-40 GFLOP/s on an AVX2 core where its forward pass and input gradient run at 60-80
+(docs/performance.md, "Convolution weight gradients"), and it is about half of a full-width training step. The
+same sums come out up to three times faster as one matrix product per kernel tap (the output gradient times the
+input pixels the tap sees), in one of two forms picked by shape (`weight_grad_route`):
+
+* "flat", for stride 1 on maps that padding enlarges by at most 15 %: every tap's input is a view of one padded
+  copy of the input, so nothing is copied per tap;
+* "taps", for strided convolutions, small maps and large dilations: each tap's pixels are copied, and only where
+  the tap sees the input, so taps that see only padding cost nothing;
+
+and the stem (fewer than 16 input channels) takes oneDNN's weight gradient on contiguous (NCHW) copies.
+
+The forward pass and the input gradient are oneDNN's own calls, bit-identical to a plain `nn.Conv2d`; the weight
+gradient is the same sum in another order (fp32 rounding; against float64 it is as close or closer). Only
+training on a CPU in fp32/fp64 without autocast takes this path; everything else (inference, CUDA, autocast,
+grouped or non-zero-padded convolutions) is a plain `nn.Conv2d` call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ONEDNN_CHANNELS = 16  # below this many input channels (the stem) oneDNN's contiguous kernel is the fast one
+_FLAT_OVERHEAD = 1.15  # most padded-map pixels per output pixel for which the flat route's extra products pay
+
+
+def _valid(offset: int, stride: int, size: int, n_out: int) -> tuple[int, int]:
+    """The output indices r (from, to) whose input index r * stride + offset lies inside 0 .. size - 1."""
+    first = max(0, (stride - 1 - offset) // stride)
+    return first, min(n_out, (size - 1 - offset) // stride + 1)
+
+
+def _weight_grad_taps(grad: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, stride: tuple[int, int],
+                      padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """One matrix product per tap over the output pixels where the tap sees the input, not the zero padding: a
+    tap that only sees padding (large ASPP dilations on small maps) costs nothing. Copies each tap's pixels."""
+    k, c, kh, kw = weight_shape
+    _, _, out_h, out_w = grad.shape
+    height, width = x.shape[2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xn, gn = x.permute(0, 2, 3, 1), grad.permute(0, 2, 3, 1)
+    out = x.new_zeros(k, kh, kw, c)
+    for i in range(kh):
+        top = i * dh - ph
+        r0, r1 = _valid(top, sh, height, out_h)
+        for j in range(kw):
+            left = j * dw - pw
+            c0, c1 = _valid(left, sw, width, out_w)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            g = gn[:, r0:r1, c0:c1].reshape(-1, k)
+            seen = xn[:, r0 * sh + top: (r1 - 1) * sh + top + 1: sh, c0 * sw + left: (c1 - 1) * sw + left + 1: sw]
+            out[:, i, j] = g.t() @ seen.reshape(-1, c)
+    return out.permute(0, 3, 1, 2)
+
+
+def _weight_grad_flat(grad: torch.Tensor, x: torch.Tensor, weight_shape: torch.Size, padding: tuple[int, int],
+                      dilation: tuple[int, int]) -> torch.Tensor:
+    """Stride 1 only. The zero-padded input and the output gradient, widened with zeros to the padded map, as
+    flat (pixels, channels) matrices: tap (i, j) then sees the input rows from offset i * dh * padded width +
+    j * dw on, a view, so each tap is one product without a copy. The zeros cost (padded / output pixels) more
+    multiplications, hence `_FLAT_OVERHEAD`."""
+    k, c, kh, kw = weight_shape
+    n, _, out_h, out_w = grad.shape
+    height, width = x.shape[2:]
+    (ph, pw), (dh, dw) = padding, dilation
+    hp, wp = height + 2 * ph, width + 2 * pw
+    rows = n * hp * wp
+    flat_x = x.new_zeros(rows + (kh - 1) * dh * wp + (kw - 1) * dw, c)  # the last image's taps run past its end
+    flat_x[:rows].view(n, hp, wp, c)[:, ph: ph + height, pw: pw + width] = x.permute(0, 2, 3, 1)
+    wide_g = grad.new_zeros(n, hp, wp, k)
+    wide_g[:, :out_h, :out_w] = grad.permute(0, 2, 3, 1)
+    g = wide_g.view(rows, k).t()
+    out = x.new_empty(k, kh, kw, c)
+    for i in range(kh):
+        for j in range(kw):
+            start = i * dh * wp + j * dw
+            out[:, i, j] = g @ flat_x[start: start + rows]
+    return out.permute(0, 3, 1, 2)
+
+
+def _weight_grad_onednn_contiguous(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                   stride: tuple[int, int], padding: tuple[int, int],
+                                   dilation: tuple[int, int]) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        grad.contiguous(), x.contiguous(), weight.contiguous(), None, list(stride), list(padding), list(dilation),
+        False, [0, 0], 1, [False, True, False])[1]
+
+
+def weight_grad_route(weight_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int],
+                      in_size: tuple[int, int], out_size: tuple[int, int]) -> str:
+    """Which kernel computes a weight gradient: "onednn" (contiguous copies), "flat" or "taps"."""
+    if weight_shape[1] < _ONEDNN_CHANNELS:
+        return "onednn"
+    padded = (in_size[0] + 2 * padding[0]) * (in_size[1] + 2 * padding[1])
+    if stride == (1, 1) and padded <= _FLAT_OVERHEAD * out_size[0] * out_size[1]:
+        return "flat"
+    return "taps"
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """d loss / d weight of a 2-d convolution (groups 1) by the route `weight_grad_route` picks."""
+    route = weight_grad_route(weight.shape, stride, padding, tuple(x.shape[2:]), tuple(grad.shape[2:]))
+    if route == "onednn":
+        return _weight_grad_onednn_contiguous(grad, x, weight, stride, padding, dilation)
+    if route == "flat":
+        return _weight_grad_flat(grad, x, weight.shape, padding, dilation)
+    return _weight_grad_taps(grad, x, weight.shape, stride, padding, dilation)
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(grad, x, weight, stride, padding, dilation)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class CpuTrainingConv2d(nn.Conv2d):
+    """`nn.Conv2d` whose CPU training backward takes `_Conv2dFunction`; the same module in every other respect
+    (parameters, state dict, forward values)."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (torch.is_grad_enabled() and weight.requires_grad and input.device.type == "cpu"
+                and input.dtype == weight.dtype and input.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu")):
+            return _Conv2dFunction.apply(input, weight, bias, self.stride, self.padding, self.dilation)
+        return super()._conv_forward(input, weight, bias)
+
+
+def route_weight_grads(model: nn.Module) -> int:
+    """Make every plain zero-padded, ungrouped `nn.Conv2d` of `model` a `CpuTrainingConv2d`; returns how many.
+
+    The class is swapped in place: parameters, buffers, hooks and the state dict stay as they are."""
+    count = 0
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
+                and not isinstance(m.padding, str)):
+            m.__class__ = CpuTrainingConv2d
+            count += 1
+    return count
