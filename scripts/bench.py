@@ -831,6 +831,7 @@ def against_table(result: dict[str, Any]) -> str:
             key = "train_channels_last" if r["workload"] == "train" else "eval_channels_last"
             text = "channels-last" if s.get(key) else "contiguous"
             text += ", freed memory kept" if s.get("retain_memory") else ""
+            text += f", weight gradients by tap ({s['routed_convs']} convolutions)" if s.get("routed_convs") else ""
             return text + (f", {s['optimizer']}" if "optimizer" in s else "")
 
         upd = (f"{fmt(r['ours_update_err'], '.1e')} / {fmt(r['theirs_update_err'], '.1e')}"

@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**info, **check(args, defaults)}))
         return 0
     model, fn, opt = make(args, defaults, torch.float32)
+    if args.workload == "train":  # convolutions the revision's placement gave another class (weight-gradient routes)
+        info["routed_convs"] = sum(isinstance(m, torch.nn.Conv2d) and type(m) is not torch.nn.Conv2d
+                                   for m in model.modules())
     if opt is not None:
         group = opt.param_groups[0]
         info["optimizer"] = f"{type(opt).__name__} foreach={group.get('foreach')} fused={group.get('fused')}"

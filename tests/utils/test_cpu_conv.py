@@ -34,16 +34,16 @@ GEOMETRIES = [
 ]
 
 
-ROUTES = ("flat", "onednn", "taps")
+ROUTES = ("flat", "native", "onednn", "taps")
 _chosen = cpu_conv.weight_grad_route
 
 
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch):
     """Every convolution's weight gradient through one route (flat only where it applies: stride 1)."""
-    def forced(weight_shape, stride, padding, in_size, out_size):
+    def forced(x_shape, weight_shape, out_shape, stride, padding):
         if request.param == "flat" and stride != (1, 1):
-            return _chosen(weight_shape, stride, padding, in_size, out_size)
+            return _chosen(x_shape, weight_shape, out_shape, stride, padding)
         return request.param
     monkeypatch.setattr(cpu_conv, "weight_grad_route", forced)
     return request.param
@@ -128,13 +128,16 @@ def test_matrix_product_routes_at_the_map_edges(kernel, stride, padding, dilatio
 
 
 def test_route_choice_by_shape():
-    stem, branch = torch.Size((64, 3, 3, 3)), torch.Size((48, 48, 3, 3))
-    assert weight_grad_route(stem, (2, 2), (1, 1), (256, 256), (128, 128)) == "onednn"
-    assert weight_grad_route(branch, (1, 1), (1, 1), (64, 64), (64, 64)) == "flat"  # 66² / 64² = 1.06
-    assert weight_grad_route(branch, (1, 1), (1, 1), (8, 8), (8, 8)) == "taps"  # 10² / 8² = 1.56
-    assert weight_grad_route(branch, (2, 2), (1, 1), (64, 64), (32, 32)) == "taps"
-    assert weight_grad_route(torch.Size((256, 2048, 3, 3)), (1, 1), (12, 12), (32, 32), (32, 32)) == "taps"
-    assert weight_grad_route(torch.Size((256, 2048, 1, 1)), (1, 1), (0, 0), (32, 32), (32, 32)) == "flat"
+    def route(x, w, out, stride=(1, 1), padding=(1, 1)):
+        return weight_grad_route(x, w, out, stride, padding)
+
+    assert route((2, 3, 256, 256), (64, 3, 3, 3), (2, 64, 128, 128), (2, 2)) == "onednn"  # the stem
+    assert route((2, 48, 64, 64), (48, 48, 3, 3), (2, 48, 64, 64)) == "flat"  # padded 66² / 64² = 1.06
+    assert route((2, 48, 64, 64), (48, 48, 3, 3), (2, 48, 32, 32), (2, 2)) == "taps"
+    assert route((2, 384, 8, 8), (384, 384, 3, 3), (2, 384, 8, 8)) == "taps"  # 10² / 8² = 1.56
+    assert route((2, 2048, 32, 32), (256, 2048, 3, 3), (2, 256, 32, 32), padding=(12, 12)) == "taps"
+    assert route((2, 2048, 32, 32), (256, 2048, 1, 1), (2, 256, 32, 32), padding=(0, 0)) == "flat"
+    assert route((2, 32, 8, 8), (32, 32, 3, 3), (2, 32, 8, 8)) == "native"  # 2.4 MFLOP: the calls cost more
 
 
 def test_swap_keeps_parameters_state_dict_and_pickling():
@@ -187,10 +190,10 @@ def _convolution_backward_calls(conv: nn.Conv2d, x: torch.Tensor) -> int:
 def test_input_gradient_only_when_the_input_needs_one():
     """The first layer's input (the image) needs no gradient: on the matrix-product routes no oneDNN backward runs
     at all; with an input that needs one, one call computes it."""
-    conv = nn.Conv2d(64, 4, 3, padding=1)
+    conv = nn.Conv2d(64, 64, 3, padding=1)  # 19 MFLOP on a 16x16 map: the taps route
     route_weight_grads(conv)
-    assert _convolution_backward_calls(conv, torch.randn(1, 64, 8, 8)) == 0
-    assert _convolution_backward_calls(conv, torch.randn(1, 64, 8, 8, requires_grad=True)) == 1
+    assert _convolution_backward_calls(conv, torch.randn(1, 64, 16, 16)) == 0
+    assert _convolution_backward_calls(conv, torch.randn(1, 64, 16, 16, requires_grad=True)) == 1
 
 
 def test_channels_last_cpu_placement_routes_and_contiguous_does_not():

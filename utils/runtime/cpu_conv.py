@@ -11,7 +11,8 @@ input pixels the tap sees), in one of two forms picked by shape (`weight_grad_ro
 * "taps", for strided convolutions, small maps and large dilations: each tap's pixels are copied, and only where
   the tap sees the input, so taps that see only padding cost nothing;
 
-and the stem (fewer than 16 input channels) takes oneDNN's weight gradient on contiguous (NCHW) copies.
+and the stem (fewer than 16 input channels) takes oneDNN's weight gradient on contiguous (NCHW) copies. Tiny
+convolutions (under 10 MFLOP: narrow test models, 4x4 maps) keep oneDNN's own backward.
 
 The forward pass and the input gradient are oneDNN's own calls, bit-identical to a plain `nn.Conv2d`; the weight
 gradient is the same sum in another order (fp32 rounding; against float64 it is as close or closer). Only
@@ -20,10 +21,13 @@ grouped or non-zero-padded convolutions) is a plain `nn.Conv2d` call.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+_NATIVE_FLOPS = 10e6  # weight gradients below this many multiply-adds x 2 stay with oneDNN's own backward
 _ONEDNN_CHANNELS = 16  # below this many input channels (the stem) oneDNN's contiguous kernel is the fast one
 _FLAT_OVERHEAD = 1.15  # most padded-map pixels per output pixel for which the flat route's extra products pay
 
@@ -83,21 +87,17 @@ def _weight_grad_flat(grad: torch.Tensor, x: torch.Tensor, weight_shape: torch.S
     return out.permute(0, 3, 1, 2)
 
 
-def _weight_grad_onednn_contiguous(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                   stride: tuple[int, int], padding: tuple[int, int],
-                                   dilation: tuple[int, int]) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        grad.contiguous(), x.contiguous(), weight.contiguous(), None, list(stride), list(padding), list(dilation),
-        False, [0, 0], 1, [False, True, False])[1]
-
-
-def weight_grad_route(weight_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int],
-                      in_size: tuple[int, int], out_size: tuple[int, int]) -> str:
-    """Which kernel computes a weight gradient: "onednn" (contiguous copies), "flat" or "taps"."""
-    if weight_shape[1] < _ONEDNN_CHANNELS:
+def weight_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Sequence[int],
+                      stride: tuple[int, int], padding: tuple[int, int]) -> str:
+    """Which kernel computes a weight gradient: "native" (oneDNN's own backward, for tiny convolutions where the
+    per-tap calls would cost more than they save), "onednn" (contiguous copies), "flat" or "taps"."""
+    k, c, kh, kw = weight_shape
+    if 2 * out_shape[0] * out_shape[2] * out_shape[3] * k * c * kh * kw < _NATIVE_FLOPS:
+        return "native"
+    if c < _ONEDNN_CHANNELS:
         return "onednn"
-    padded = (in_size[0] + 2 * padding[0]) * (in_size[1] + 2 * padding[1])
-    if stride == (1, 1) and padded <= _FLAT_OVERHEAD * out_size[0] * out_size[1]:
+    padded = (x_shape[2] + 2 * padding[0]) * (x_shape[3] + 2 * padding[1])
+    if stride == (1, 1) and padded <= _FLAT_OVERHEAD * out_shape[2] * out_shape[3]:
         return "flat"
     return "taps"
 
@@ -105,12 +105,22 @@ def weight_grad_route(weight_shape: torch.Size, stride: tuple[int, int], padding
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
                 padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
     """d loss / d weight of a 2-d convolution (groups 1) by the route `weight_grad_route` picks."""
-    route = weight_grad_route(weight.shape, stride, padding, tuple(x.shape[2:]), tuple(grad.shape[2:]))
+    route = weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding)
+    if route == "native":
+        return _backward(grad, x, weight, stride, padding, dilation, [False, True, False])[1]
     if route == "onednn":
-        return _weight_grad_onednn_contiguous(grad, x, weight, stride, padding, dilation)
+        return _backward(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation,
+                         [False, True, False])[1]
     if route == "flat":
         return _weight_grad_flat(grad, x, weight.shape, padding, dilation)
     return _weight_grad_taps(grad, x, weight.shape, stride, padding, dilation)
+
+
+def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+              padding: tuple[int, int], dilation: tuple[int, int], mask: list[bool]) -> tuple[torch.Tensor, ...]:
+    """oneDNN's convolution backward (PyTorch's own) for the gradients `mask` selects: input, weight, bias."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), list(dilation),
+                                               False, [0, 0], 1, mask)
 
 
 class _Conv2dFunction(torch.autograd.Function):
@@ -126,12 +136,14 @@ class _Conv2dFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], 1,
-                [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(grad, x, weight, stride, padding, dilation)
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if want_w and weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding) == "native":
+            grad_x, grad_w, _ = _backward(grad, x, weight, stride, padding, dilation, [want_x, True, False])
+        else:
+            if want_x:
+                grad_x = _backward(grad, x, weight, stride, padding, dilation, [True, False, False])[0]
+            if want_w:
+                grad_w = weight_grad(grad, x, weight, stride, padding, dilation)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
