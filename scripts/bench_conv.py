@@ -29,7 +29,7 @@ from torch import nn
 
 import network
 from scripts.bench import NUM_CLASSES, PAIRS, WIDTHS, parse_size
-from utils.runtime.cpu_conv import weight_grad, weight_grad_route
+from utils.runtime.cpu_conv import onednn_backward, weight_grad, weight_grad_route
 from utils.runtime.layout import place_model
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int], tuple[int, int], bool]
@@ -77,11 +77,9 @@ def measure(geometry: Geometry, repeats: int, seed: int = 0) -> dict[str, Any]:
     x = torch.randn(in_shape, generator=gen).contiguous(memory_format=cl)
     w = (torch.randn(w_shape, generator=gen) / (w_shape[1] * w_shape[2] * w_shape[3]) ** 0.5).contiguous(memory_format=cl)
     grad = torch.randn(F.conv2d(x, w, None, stride, padding, dilation).shape, generator=gen).contiguous(memory_format=cl)
-    geo = list(stride), list(padding), list(dilation)
 
     def backward(mask: list[bool], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        g, xx, ww = tensors
-        return torch.ops.aten.convolution_backward(g, xx, ww, None, *geo, False, [0, 0], 1, mask)
+        return onednn_backward(*tensors, stride, padding, dilation, mask)
 
     calls = {"forward": lambda: F.conv2d(x, w, None, stride, padding, dilation),
              "weight_onednn": lambda: backward([False, True, False], grad, x, w),

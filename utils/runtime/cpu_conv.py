@@ -103,21 +103,21 @@ def weight_grad_route(x_shape: Sequence[int], weight_shape: Sequence[int], out_s
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
-                padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-    """d loss / d weight of a 2-d convolution (groups 1) by the route `weight_grad_route` picks."""
-    route = weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding)
+                padding: tuple[int, int], dilation: tuple[int, int], route: str | None = None) -> torch.Tensor:
+    """d loss / d weight of a 2-d convolution (groups 1) by `route`, by default the one `weight_grad_route` picks."""
+    route = route or weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding)
     if route == "native":
-        return _backward(grad, x, weight, stride, padding, dilation, [False, True, False])[1]
+        return onednn_backward(grad, x, weight, stride, padding, dilation, [False, True, False])[1]
     if route == "onednn":
-        return _backward(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation,
-                         [False, True, False])[1]
+        return onednn_backward(grad.contiguous(), x.contiguous(), weight.contiguous(), stride, padding, dilation,
+                               [False, True, False])[1]
     if route == "flat":
         return _weight_grad_flat(grad, x, weight.shape, padding, dilation)
     return _weight_grad_taps(grad, x, weight.shape, stride, padding, dilation)
 
 
-def _backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
-              padding: tuple[int, int], dilation: tuple[int, int], mask: list[bool]) -> tuple[torch.Tensor, ...]:
+def onednn_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], mask: list[bool]) -> tuple[torch.Tensor, ...]:
     """oneDNN's convolution backward (PyTorch's own) for the gradients `mask` selects: input, weight, bias."""
     return torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), list(dilation),
                                                False, [0, 0], 1, mask)
@@ -137,13 +137,14 @@ class _Conv2dFunction(torch.autograd.Function):
         stride, padding, dilation = ctx.geometry
         grad_x = grad_w = grad_b = None
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if want_w and weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding) == "native":
-            grad_x, grad_w, _ = _backward(grad, x, weight, stride, padding, dilation, [want_x, True, False])
+        route = weight_grad_route(x.shape, weight.shape, grad.shape, stride, padding) if want_w else None
+        if route == "native":  # one oneDNN call for both gradients
+            grad_x, grad_w, _ = onednn_backward(grad, x, weight, stride, padding, dilation, [want_x, True, False])
         else:
             if want_x:
-                grad_x = _backward(grad, x, weight, stride, padding, dilation, [True, False, False])[0]
+                grad_x = onednn_backward(grad, x, weight, stride, padding, dilation, [True, False, False])[0]
             if want_w:
-                grad_w = weight_grad(grad, x, weight, stride, padding, dilation)
+                grad_w = weight_grad(grad, x, weight, stride, padding, dilation, route)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
