@@ -48,7 +48,8 @@ def test_pictures_page_tables_and_tensorboard(setup, tmp_path):
     summary = run(setup, out, "eval.dump=all")
     assert 0 <= summary["miou"] <= 1 and summary["images"] == NUM_VAL
     names = val_names(setup[0])
-    kinds = ["input", "pred", "overlay", "gt", "error", "conf", "pred_0.5x", "pred_1.0x", "attn_0.5x", "attn_1.0x"]
+    kinds = ["input", "pred", "overlay", "gt", "error", "conf", "pred_0.5x", "pred_1.0x", "attn_0.5x"]
+    assert not list(out.glob("*_attn_1.0x.png"))  # the top scale's attention weights nothing: not computed
     for name in names:
         for kind in kinds:
             img = cv2.imread(str(out / f"{name}_{kind}.png"))
@@ -224,7 +225,7 @@ def test_video_is_annotated_frame_by_frame(setup, tmp_path, capsys):
         if not ok:
             break
         count += 1
-        assert frame.shape == (HEIGHT, 3 * WIDTH, 3)  # overlay | attention 0.5x | attention 1.0x
+        assert frame.shape == (HEIGHT, 2 * WIDTH, 3)  # overlay | attention 0.5x (1.0x, the top scale, has none)
     assert count == 5
     assert "5/5 frames" in capsys.readouterr().err
 

@@ -42,7 +42,9 @@ def test_train_writes_run_folder_and_evaluates(tmp_path):
                            "--out", str(tmp_path / "ev")])
     assert json.load(open(tmp_path / "ev" / "results.json"))["scales"] == [0.5, 1.0, 2.0]
     assert 0.0 <= ev["miou"] <= 1.0
-    assert any(p.name.endswith("_attn_2.0x.png") for p in (tmp_path / "ev").iterdir())
+    dumped = {p.name for p in (tmp_path / "ev").iterdir()}
+    assert any(n.endswith("_attn_1.0x.png") for n in dumped)
+    assert not any(n.endswith("_attn_2.0x.png") for n in dumped)  # as the original: the top scale's is unused
 
 
 def test_resume_continues_bit_identically(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ from torch import nn
 
 import network
 from network.attnscale import ExplicitBase
-from network.layers import scaled_size
-from network.mscale import MscaleBase, check_scales, scale_key
+from network.layers import rescale, scaled_size
+from network.mscale import MscaleBase, check_scales, fuse_step, scale_key
 from tests.fixtures import model_family, tiny_options
 
 REF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "keys")
@@ -23,11 +23,11 @@ FAMILY_MAPS = {"deeplab": ("pred",), "ocrnet": ("pred", "aux")}
 def expected_shapes(model: nn.Module, maps: tuple[str, ...], n: int, k: int, h: int, w: int) -> dict:
     """Output name -> shape for an [n, 3, h, w] batch: the fused maps at the input size; a multi-scale model adds
     each scale's maps at that scale's size and each scale's attention (hierarchical: at the scale's size, the
-    unused 1.0x one skipped in training; explicit: at the input size, the trained scale set in both modes)."""
+    unused 1.0x one, the top scale, skipped; explicit: at the input size, the trained scale set in both modes)."""
     out = {m: (n, k, h, w) for m in maps}
     if isinstance(model, MscaleBase):
         scales = (model.lo_scale, 1.0)
-        attn = {s: scaled_size(h, w, s) for s in (scales[:1] if model.training else scales)}
+        attn = {model.lo_scale: scaled_size(h, w, model.lo_scale)}
     elif isinstance(model, ExplicitBase):
         scales = model.scales
         attn = {s: (h, w) for s in scales}
@@ -73,6 +73,35 @@ def test_nscale_outputs_and_shapes():
     assert out["attn_0.5x"].shape == (1, 1, 32, 64)
     a = out["attn_1.0x"]
     assert (a > 0).all() and (a < 1).all()
+    assert "attn_2.0x" not in out  # the top scale's weight enters no fusion
+
+
+@pytest.mark.parametrize("name", ["hmsa_deeplabv3plus", "hmsa_ocrnet_hrnet_w48"])
+def test_nscale_skips_only_the_top_scale_attention_and_changes_no_bit(name):
+    """The chain written out with every scale's attention computed (what the original runs): the same bits, one
+    attention-head call fewer, no map of the top scale's attention."""
+    torch.manual_seed(0)
+    model = network.build_model(name, 4, **tiny_options(name)).eval()
+    calls = []
+    model.scale_attn.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 3, 48, 64)
+    for scales in ([0.5, 1.0, 2.0], [0.5, 1.0], [1.0]):
+        order = sorted(scales, reverse=True)
+        with torch.no_grad():
+            singles = {s: model.single_forward(rescale(x, s)) for s in order}
+            calls.clear()
+            out = model(x, scales=scales)
+        assert len(calls) == len(scales) - 1, scales
+        fused = {}
+        for key in FAMILY_MAPS[model_family(name)]:
+            acc = None
+            for s in order:
+                acc = fuse_step(acc, s, singles[s][key], singles[s]["attn"])
+            fused[key] = acc
+            assert torch.equal(out[key], acc), (scales, key)
+        assert {k for k in out if k.startswith("attn_")} == {scale_key("attn", s) for s in order[1:]}
+        for s in order[1:]:
+            assert torch.equal(out[scale_key("attn", s)], singles[s]["attn"])
 
 
 @pytest.mark.parametrize("name,keys,params", [

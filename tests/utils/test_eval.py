@@ -25,7 +25,7 @@ class Pointwise(MscaleBase):
         self.cls = nn.Conv2d(3, k, 1)
         self.att = nn.Conv2d(3, 1, 1)
 
-    def single_forward(self, x):
+    def single_forward(self, x, attention=True):
         return {"pred": self.cls(x), "attn": torch.sigmoid(self.att(x))}
 
 
@@ -36,7 +36,7 @@ class SmallField(MscaleBase):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, k + 1, 3, padding=1))
 
-    def single_forward(self, x):
+    def single_forward(self, x, attention=True):
         y = self.body(x)
         return {"pred": y[:, 1:], "attn": torch.sigmoid(y[:, :1])}
 
@@ -102,6 +102,32 @@ def test_attention_chain_of_every_subset_equals_the_model_run_on_that_subset():
             assert torch.equal(predict(model, x, Inference.make(scales))["pred"], ref)
 
 
+def test_the_pass_runs_the_attention_head_below_the_top_scale_only():
+    """No fusion of any subset reads the top scale's weight; every other scale's is computed once per mirror,
+    whole-image, windowed or scheduled."""
+    from utils.inference.multiscale import Schedule, ScheduledPass
+
+    model = tiny_model(num_classes=5)
+    calls = []
+    model.scale_attn.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        run = MultiScalePass(model, x, [0.5, 1.0, 2.0], flip=True)
+        assert len(calls) == 4
+        assert "attn" not in run.outputs[2.0] and "attn" not in run.mirrored[2.0]
+        assert set(run.maps()) == {"pred_2.0x", "pred_1.0x", "pred_0.5x", "attn_1.0x", "attn_0.5x"}
+        combos = [Combo.make(s, "attention", f) for s in ([0.5, 1.0, 2.0], [0.5, 1.0], [1.0, 2.0]) for f in (0, 1)]
+        calls.clear()
+        scheduled = ScheduledPass(model, x, combos, Schedule(stream=True), keep=(0.5, 1.0, 2.0))
+        assert len(calls) == 4
+        for c in combos:
+            assert torch.equal(scheduled.logits(c), run.logits(c)), c.label
+        calls.clear()
+        tiled = scale_outputs(model, x, [0.5, 1.0], window=(32, 40), overlap=0.25)
+        assert "attn" not in tiled[1.0] and tiled[0.5]["attn"].shape == (1, 1, 24, 32)
+        assert len(calls) == 1  # the 0.5x image (24x32) fits one window
+
+
 # ----------------------------------------------------------------------------------------------- sweep
 
 
@@ -123,7 +149,7 @@ def test_sweep_equals_separate_evaluations_and_runs_each_scale_once():
     assert len(combos) == 2 * (1 + 3 * 3)  # a single-scale set has one rule
     calls = []
     real = model.single_forward
-    model.single_forward = lambda x: calls.append(tuple(x.shape[-2:])) or real(x)
+    model.single_forward = lambda x, attention=True: calls.append(tuple(x.shape[-2:])) or real(x, attention)
     how = Inference.make([0.5, 1.0], sweep_sets=SETS, sweep_fusions=RULES, sweep_flips=[False, True])
     assert how.sweep(model) == combos
     swept = evaluate(model, loader, 5, 255, how, torch.device("cpu"))
@@ -200,7 +226,8 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model():
         whole = scale_outputs(model, x, [0.5, 1.0, 2.0])
         tiled = scale_outputs(model, x, [0.5, 1.0, 2.0], window=(16, 24), overlap=0.25)
         for s in whole:
-            for k in ("pred", "attn"):
+            assert whole[s].keys() == tiled[s].keys() == ({"pred"} if s == 2.0 else {"pred", "attn"})
+            for k in whole[s]:
                 assert torch.allclose(whole[s][k], tiled[s][k], atol=1e-6), (s, k)
         a = predict(model, x, Inference.make([0.5, 1.0, 2.0], flip=True))["pred"]
         b = predict(model, x, Inference.make([0.5, 1.0, 2.0], flip=True, window=[16, 24], overlap=0.5))["pred"]

@@ -24,6 +24,7 @@ from utils.inference.memory import (
     predict_train_peak,
     schedule_ladder,
     tensor_bytes,
+    trace_forward,
 )
 from utils.inference.multiscale import UNCONSTRAINED, MultiScalePass, Schedule, ScheduledPass
 
@@ -100,6 +101,14 @@ def test_every_exact_schedule_gives_the_unconstrained_bits(demo):
             assert kept.keys() == maps.keys()
             for k in maps:
                 assert torch.equal(kept[k], maps[k]) if not split else torch.allclose(kept[k], maps[k], atol=1e-5)
+
+
+def test_the_top_scale_trace_leaves_out_the_attention_head(demo):
+    _, model = demo
+    full = trace_forward(model, (1, 3, 96, 128))
+    top = trace_forward(model, (1, 3, 96, 128), attention=False)
+    assert [k for k, *_ in full.outputs] == ["pred", "attn"] and [k for k, *_ in top.outputs] == ["pred"]
+    assert top.peak <= full.peak  # the peak is in the trunk at this size
 
 
 def measured_eval(model, how, images, target, **kw):

@@ -198,12 +198,13 @@ class ForwardTrace:
 class _Pass(nn.Module):
     """The per-scale network pass as a module, so that `functional_call` can run it on fake weights."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, attention: bool) -> None:
         super().__init__()
         self.net = net
+        self.attention = attention
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return network_fn(self.net)(x)
+        return network_fn(self.net)(x, self.attention)
 
 
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, ForwardTrace]]" = weakref.WeakKeyDictionary()
@@ -215,25 +216,27 @@ def _fake_state(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
             for name, t in (*module.named_parameters(), *module.named_buffers())}
 
 
-def trace_forward(model: nn.Module, shape: Sequence[int], precision: str = "fp32") -> ForwardTrace:
-    """The trace of one inference pass of `model` on an input of `shape` (cached; the weights are not read)."""
+def trace_forward(model: nn.Module, shape: Sequence[int], precision: str = "fp32",
+                  attention: bool = True) -> ForwardTrace:
+    """The trace of one inference pass of `model` on an input of `shape` (cached; the weights are not read),
+    without the attention head when `attention` is False (the top scale's pass)."""
     net = unwrap(model)
     cache = _TRACES.setdefault(net, {})
-    key = (tuple(int(d) for d in shape), precision, net.training)
+    key = (tuple(int(d) for d in shape), precision, net.training, attention)
     if key not in cache:
         with _disable_current_modes(), _fake_mode():  # also when called from inside a planner replay
             state = _fake_state(net, "net.")
             x = torch.empty(key[0])
             with torch.inference_mode(), autocast(precision, torch.device("cpu")), LiveTensorBytes() as tracker:
-                out = torch.func.functional_call(_Pass(net), state, (x,))
+                out = torch.func.functional_call(_Pass(net, attention), state, (x,))
             cache[key] = ForwardTrace(tracker.peak, tuple((k, tuple(v.shape), v.dtype) for k, v in out.items()))
     return cache[key]
 
 
 def _stand_in(model: nn.Module, tracker: LiveTensorBytes, precision: str) -> Forward:
     """A network pass that costs what the traced one costs: the traced peak, then outputs of the traced shapes."""
-    def fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        trace = trace_forward(model, tuple(x.shape), precision)
+    def fn(x: torch.Tensor, attention: bool = True) -> dict[str, torch.Tensor]:
+        trace = trace_forward(model, tuple(x.shape), precision, attention)
         tracker.reach(trace.peak)
         return {k: torch.empty(shape, dtype=dtype) for k, shape, dtype in trace.outputs}
     return fn

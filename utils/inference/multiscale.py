@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -174,23 +175,32 @@ class Inference:
 # ----------------------------------------------------------------------------------------------- per-scale passes
 
 
-Forward = Callable[[torch.Tensor], Maps]  # one network pass: images -> {'pred'[, 'attn']} at their size
+Forward = Callable[..., Maps]  # one network pass: fn(images, attention=True) -> {'pred'[, 'attn']} at their size
 
 
 def network_fn(model: nn.Module | Forward) -> Forward:
-    """The per-scale network pass of `model`: its 'pred' (and 'attn' for attention models) at the input's size.
+    """The per-scale network pass of `model`: `fn(x, attention=True)`, its 'pred' (and 'attn' for attention models
+    unless `attention=False`: the top scale of a chain, whose weight no fusion reads) at the input's size.
     A plain callable is taken as that pass already (the memory planner passes a stand-in)."""
     if not isinstance(model, nn.Module):
         return model
     net = unwrap(model)
     if isinstance(net, MscaleBase):
-        def fn(x: torch.Tensor) -> Maps:
-            out = net.single_forward(x)
-            return {"pred": out["pred"], "attn": out["attn"]}
+        def fn(x: torch.Tensor, attention: bool = True) -> Maps:
+            out = net.single_forward(x, attention)
+            return {"pred": out["pred"], "attn": out["attn"]} if attention else {"pred": out["pred"]}
     else:
-        def fn(x: torch.Tensor) -> Maps:
+        def fn(x: torch.Tensor, attention: bool = True) -> Maps:
             return {"pred": model(x)["pred"]}
     return fn
+
+
+def scale_forward(fn: Forward, x: torch.Tensor, attention: bool, window: tuple[int, int] | None,
+                  overlap: float) -> Maps:
+    """One scale's maps: the whole image, or a sliding window over it."""
+    if window:
+        return sliding_forward(partial(fn, attention=attention), x, window, overlap)
+    return fn(x, attention)
 
 
 def scale_outputs(
@@ -201,13 +211,12 @@ def scale_outputs(
     overlap: float = 0.25,
 ) -> dict[float, Maps]:
     """{scale: {'pred': logits, 'attn': weight (attention models)}} at each scale's own resolution, in the dtype
-    the model produced (half under fp16/bf16 autocast: full-resolution maps of many classes are large)."""
+    the model produced (half under fp16/bf16 autocast: full-resolution maps of many classes are large). The top
+    scale has no 'attn': it starts every chain it is in, so its weight would be read by none."""
     fn = network_fn(model)
-    out = {}
-    for s in scales:
-        x = rescale(images, s)
-        out[s] = sliding_forward(fn, x, window, overlap) if window else fn(x)
-    return out
+    scales = list(scales)
+    top = max(scales)
+    return {s: scale_forward(fn, rescale(images, s), s != top, window, overlap) for s in scales}
 
 
 class MultiScalePass:
@@ -241,7 +250,7 @@ class MultiScalePass:
             outs = self.mirrored if mirrored else self.outputs
             prev = self._chain(mirrored, prefix[:-1]) if len(prefix) > 1 else None
             s = prefix[-1]
-            self._cache[key] = fuse_step(prev, s, outs[s]["pred"], outs[s]["attn"])
+            self._cache[key] = fuse_step(prev, s, outs[s]["pred"], outs[s].get("attn"))
         return self._cache[key]
 
     def _fuse(self, mirrored: bool, scales: tuple[float, ...], rule: str) -> torch.Tensor:
@@ -254,7 +263,8 @@ class MultiScalePass:
         if len(scales) == 1 or rule == "none":
             return outs[1.0]["pred"]
         if rule == "attention":
-            if "attn" not in outs[1.0]:
+            if "attn" not in outs[scales[-1]]:  # the lowest scale: never the top one, which has no 'attn'
+
                 raise ValueError("attention fusion on a model without scale attention")
             return self._chain(mirrored, scales)
         # Not cached: a few element-wise ops over the cached resized logits, and a fused map per set and rule would
@@ -391,7 +401,7 @@ def _fold(rule: str, scale: float, out: Maps, acc: torch.Tensor | None, folds: i
     """`acc` with one more scale folded in, by the same operations in the same order as `MultiScalePass._fuse`
     (so the same bits): `folds` scales are in `acc` already; `size` is the 1.0 (output) size."""
     if rule == "attention":
-        return fuse_step(acc, scale, out["pred"], out["attn"])
+        return fuse_step(acc, scale, out["pred"], out.get("attn"))
     if rule == "none":
         return out["pred"]
     resized = resize(out["pred"], size)
@@ -451,11 +461,11 @@ class ScheduledPass:
                 into[key] = value.new_empty((total, *value.shape[1:]))
             into[key][start : start + value.shape[0]] = value
 
-    def _forward(self, fn: Forward, x: torch.Tensor, scale: float) -> Maps:
+    def _forward(self, fn: Forward, x: torch.Tensor, scale: float, attention: bool) -> Maps:
         s = self.schedule
         if s.window is not None and scale >= s.window_from:
-            return sliding_forward(fn, x, s.window, self.overlap)
-        return sliding_forward(fn, x, self.window, self.overlap) if self.window else fn(x)
+            return scale_forward(fn, x, attention, s.window, self.overlap)
+        return scale_forward(fn, x, attention, self.window, self.overlap)
 
     def _run(self, fn: Forward, images: torch.Tensor) -> tuple[dict, dict]:
         groups: dict[tuple[tuple[float, ...], str], set[bool]] = {}
@@ -475,7 +485,7 @@ class ScheduledPass:
         for mirrored, s in order:
             if mirrored and flipped is None:
                 flipped = images.flip(-1)
-            out = self._forward(fn, rescale(flipped if mirrored else images, s), s)
+            out = self._forward(fn, rescale(flipped if mirrored else images, s), s, s != scales[0])
             for (set_scales, rule), wanted in groups.items():
                 if s not in set_scales or mirrored not in wanted or (rule == "none" and s != 1.0):
                     continue

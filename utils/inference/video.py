@@ -103,7 +103,7 @@ def annotate_video(
             with autocast(how.precision, device):
                 run = MultiScalePass(model, batch, combo.scales, combo.flip, how.window, how.overlap)
             out = {"pred": run.logits(combo)[0], **{k: v[0] for k, v in run.maps().items()}}
-            frame = annotate_frame(image, out, palette, attention and "attn_1.0x" in out)
+            frame = annotate_frame(image, out, palette, attention)
             if writer is None:
                 size = (frame.shape[1], frame.shape[0])
                 writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*"mp4v"), reader.fps, size)
