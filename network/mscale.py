@@ -120,7 +120,7 @@ class MscaleBase(nn.Module):
 
         The top scale starts the chain, so its attention weights nothing; its head is not run and there is no
         'attn' of that scale (the original runs the head and drops the map when the top scale is 2.0). At 0.5, 1,
-        2 on HRNet-OCR this head is 12 % of the inference's multiply-adds (docs/performance.md).
+        2 on HRNet-OCR this head is 11.6 % of the inference's multiply-adds (docs/performance.md).
         """
         out: dict[str, torch.Tensor] = {}
         fused: dict[str, torch.Tensor | None] = {k: None for k in FUSED_KEYS}

@@ -1,5 +1,6 @@
 """Every convolution of a multi-scale training step, timed kernel by kernel on the CPU: oneDNN's channels-last weight
-gradient against the route `utils.runtime.cpu_conv` takes (what `run.channels_last` gives on a CPU).
+gradient against the route `utils.runtime.cpu_conv` takes (what `run.channels_last` gives on a CPU), and oneDNN in
+the contiguous (NCHW) layout, the default before channels-last.
 
     OMP_NUM_THREADS=1 python -m scripts.bench_conv                        # both full-width models, 256x256 x 2
     python -m scripts.bench_conv --models hmsa_deeplabv3plus --width narrow --top 10 --out conv.json
@@ -7,7 +8,10 @@ gradient against the route `utils.runtime.cpu_conv` takes (what `run.channels_la
 The convolutions are collected from one training forward pass of the model (both scales, as train.py places it),
 grouped by geometry. For each geometry the forward pass, the input gradient and the two weight gradients run in
 alternation, `--repeats` times, and the fastest of each is kept; each weight gradient's error is against the
-same sum in float64. Per model, the totals weight each geometry by its number of calls per step.
+same sum in float64. Per model, the totals weight each geometry by its number of calls per step, and the floor
+adds, for each convolution, the fastest of the measured kernels for its forward pass, its input gradient and its
+weight gradient (layout conversions not counted): no training step on this machine that computes these
+convolutions with these kernels spends less time in them.
 """
 from __future__ import annotations
 
@@ -78,21 +82,26 @@ def measure(geometry: Geometry, repeats: int, seed: int = 0) -> dict[str, Any]:
     w = (torch.randn(w_shape, generator=gen) / (w_shape[1] * w_shape[2] * w_shape[3]) ** 0.5).contiguous(memory_format=cl)
     grad = torch.randn(F.conv2d(x, w, None, stride, padding, dilation).shape, generator=gen).contiguous(memory_format=cl)
 
+    xc, wc, gc = x.contiguous(), w.contiguous(), grad.contiguous()
+
     def backward(mask: list[bool], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return onednn_backward(*tensors, stride, padding, dilation, mask)
 
     calls = {"forward": lambda: F.conv2d(x, w, None, stride, padding, dilation),
              "weight_onednn": lambda: backward([False, True, False], grad, x, w),
-             "weight_routed": lambda: weight_grad(grad, x, w, stride, padding, dilation)}
+             "weight_routed": lambda: weight_grad(grad, x, w, stride, padding, dilation),
+             "forward_nchw": lambda: F.conv2d(xc, wc, None, stride, padding, dilation),
+             "weight_nchw": lambda: backward([False, True, False], gc, xc, wc)}
     if input_grad:
         calls["input"] = lambda: backward([True, False, False], grad, x, w)
+        calls["input_nchw"] = lambda: backward([True, False, False], gc, xc, wc)
     times = _fastest(calls, repeats)
     exact = backward([False, True, False], grad.double(), x.double(), w.double())[1]
     flops = 2 * grad.numel() * w_shape[1] * w_shape[2] * w_shape[3]
     return {"input": list(in_shape), "weight": list(w_shape), "stride": list(stride), "padding": list(padding),
             "dilation": list(dilation), "route": weight_grad_route(in_shape, w_shape, grad.shape, stride, padding),
             "gflop": flops / 1e9, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
-            "input_ms": times.get("input", 0.0) * 1e3,
+            "input_ms": times.get("input", 0.0) * 1e3, "input_nchw_ms": times.get("input_nchw", 0.0) * 1e3,
             "weight_onednn_err": _rel(exact, calls["weight_onednn"]()[1]),
             "weight_routed_err": _rel(exact, calls["weight_routed"]())}
 
@@ -106,29 +115,41 @@ def bench_model(name: str, width: str, crop: tuple[int, int], batch: int, repeat
     for geometry, count in collect(model, images).items():
         rows.append({"calls": count, **measure(geometry, repeats)})
     totals = {key: sum(r["calls"] * r[f"{key}_ms"] for r in rows) / 1e3
-              for key in ("forward", "input", "weight_onednn", "weight_routed")}
+              for key in ("forward", "input", "weight_onednn", "weight_routed", "forward_nchw", "input_nchw",
+                          "weight_nchw")}
+    totals["floor"] = sum(r["calls"] * floor_ms(r) for r in rows) / 1e3
     return {"model": name, "width": width, "crop": list(crop), "batch": batch, "rows": rows, "totals_s": totals}
+
+
+def floor_ms(row: dict[str, Any]) -> float:
+    """The fastest measured kernel for each of a convolution's three parts, summed (ms)."""
+    return (min(row["forward_ms"], row["forward_nchw_ms"]) + min(row["input_ms"], row["input_nchw_ms"])
+            + min(row["weight_onednn_ms"], row["weight_routed_ms"], row["weight_nchw_ms"]))
 
 
 def table(result: dict[str, Any], top: int) -> str:
     rows = sorted(result["rows"], key=lambda r: -r["calls"] * r["weight_onednn_ms"])
     lines = [f"### {result['model']} ({result['width']}), {result['crop'][0]}x{result['crop'][1]} x {result['batch']}",
              "", "| calls | input | weight | stride / pad / dil | GFLOP | forward ms | input grad ms | weight grad: "
-             "oneDNN ms | routed ms | speed-up | route | error vs float64 (oneDNN / routed) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "oneDNN ms | routed ms | speed-up | route | error vs float64 (oneDNN / routed) | NCHW: forward / input / "
+             "weight ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows[:top]:
         geo = "/".join("x".join(map(str, r[k])) for k in ("stride", "padding", "dilation"))
         lines.append(f"| {r['calls']} | {'x'.join(map(str, r['input']))} | {'x'.join(map(str, r['weight']))} | {geo} | "
                      f"{r['gflop']:.2f} | {r['forward_ms']:.1f} | {r['input_ms']:.1f} | {r['weight_onednn_ms']:.1f} | "
                      f"{r['weight_routed_ms']:.1f} | {r['weight_onednn_ms'] / r['weight_routed_ms']:.2f}x | "
-                     f"{r['route']} | {r['weight_onednn_err']:.1e} / {r['weight_routed_err']:.1e} |")
+                     f"{r['route']} | {r['weight_onednn_err']:.1e} / {r['weight_routed_err']:.1e} | "
+                     f"{r['forward_nchw_ms']:.1f} / {r['input_nchw_ms']:.1f} / {r['weight_nchw_ms']:.1f} |")
     t = result["totals_s"]
     before = t["forward"] + t["input"] + t["weight_onednn"]
     after = t["forward"] + t["input"] + t["weight_routed"]
     lines += ["", f"Per step, {len(rows)} geometries (the {min(top, len(rows))} costliest above): forward "
               f"{t['forward']:.2f} s, input gradients {t['input']:.2f} s, weight gradients {t['weight_onednn']:.2f} s "
               f"(oneDNN) / {t['weight_routed']:.2f} s (routed): {t['weight_onednn'] / t['weight_routed']:.2f}x on "
-              f"the weight gradients, {before / after:.2f}x on the convolutions ({before:.2f} s -> {after:.2f} s).", ""]
+              f"the weight gradients, {before / after:.2f}x on the convolutions ({before:.2f} s -> {after:.2f} s).",
+              "", f"Contiguous (NCHW) oneDNN: forward {t['forward_nchw']:.2f} s, input gradients {t['input_nchw']:.2f} s, "
+              f"weight gradients {t['weight_nchw']:.2f} s ({t['forward_nchw'] + t['input_nchw'] + t['weight_nchw']:.2f} s). "
+              f"Floor, the fastest measured kernel for each part of each convolution: {t['floor']:.2f} s per step.", ""]
     return "\n".join(lines)
 
 
@@ -143,7 +164,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=15, help="geometries printed per model")
     parser.add_argument("--out", help="JSON file for every row")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch < 2:
+        parser.error("--batch must be >= 2 (BatchNorm on the 1x1 image-pooling branch needs two values)")
+    if min(args.repeats, args.threads, args.top) < 1:
+        parser.error("--repeats, --threads and --top must be >= 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

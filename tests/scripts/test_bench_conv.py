@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scripts import bench_conv
 
 
@@ -22,6 +24,20 @@ def test_tiny_model_table_and_json(tmp_path, capsys):
         assert r["weight_onednn_err"] < 1e-5 and r["weight_routed_err"] < 1e-5
     assert result["totals_s"]["weight_routed"] > 0
     assert text.count("\n| ") == 1 + 3  # the header and three rows (the rule line starts "|---")
-    assert "Per step, " in text and "on the convolutions" in text
+    assert "Per step, " in text and "on the convolutions" in text and "Floor, " in text
+    t = result["totals_s"]
+    for r in rows:
+        assert r["forward_nchw_ms"] > 0 and r["weight_nchw_ms"] > 0
+        assert bench_conv.floor_ms(r) <= r["forward_ms"] + r["input_ms"] + r["weight_routed_ms"]
+    assert 0 < t["floor"] <= min(t["forward"] + t["input"] + min(t["weight_onednn"], t["weight_routed"]),
+                                 t["forward_nchw"] + t["input_nchw"] + t["weight_nchw"])
     saved = json.loads(out.read_text())
     assert saved["results"][0]["rows"] == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("args,message", [(["--batch", "1"], "--batch must be >= 2"),
+                                          (["--repeats", "0"], "--repeats, --threads and --top must be >= 1")])
+def test_bad_arguments_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_conv.parse_args(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
