@@ -37,10 +37,12 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 [H, W, 3]. Raises DataError naming the path when the file is missing, truncated or not an image."""
+    """RGB uint8 [H, W, 3] as stored, the pixels Pillow decodes: an EXIF orientation tag is not applied (OpenCV
+    would rotate the image away from its label mask). Raises DataError naming the path when the file is missing,
+    truncated or not an image."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise DataError(f"cannot decode image (corrupt, truncated or not an image): {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

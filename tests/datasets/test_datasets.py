@@ -463,3 +463,22 @@ def test_augmentation_differs_between_epochs_and_samples(synth):
         for ref in sampler:
             crops.setdefault(ref.index, []).append(ds[ref]["image"])
     assert all(not torch.equal(a, b) for a, b in crops.values())  # same image, another epoch: another draw
+
+
+@pytest.mark.parametrize("quality,subsampling", [(95, 0), (75, 2)])
+def test_jpeg_images_decode_to_pillows_pixels_and_ignore_the_exif_orientation(tmp_path, quality, subsampling):
+    """Mapillary ships JPEGs and the original decodes them with Pillow, which does not apply an EXIF orientation
+    tag; OpenCV would by default (a 60x80 image tagged "rotate 90" would come out 80x60, away from its mask)."""
+    from PIL import Image
+
+    image, _ = synthetic_scene(7, "train", 0, 60, 80)
+    noisy = np.clip(image.astype(int) + np.random.default_rng(0).integers(-30, 30, image.shape), 0, 255)
+    pil = Image.fromarray(noisy.astype(np.uint8))
+    exif = pil.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = str(tmp_path / "tagged.jpg")
+    pil.save(path, quality=quality, subsampling=subsampling, exif=exif.tobytes())
+    assert cv2.imread(path).shape == (80, 60, 3)  # what the flag prevents
+    ours = read_image(path)
+    assert ours.shape == (60, 80, 3)
+    assert np.array_equal(ours, np.asarray(Image.open(path).convert("RGB")))
