@@ -1,16 +1,17 @@
 """Data-pipeline benchmark: our training item (Pillow-exact or OpenCV resampling) against a PIL pipeline doing
 the same steps the way the original code does them.
 
-    OMP_NUM_THREADS=1 python -m scripts.bench_data [--images 8] [--repeats 3] [--crop 1024[,W]]
-        [--width 2048 --height 1024] [--pre-size 0] [--no-gblur] [--resample both|pil|opencv]
+    OMP_NUM_THREADS=1 python -m scripts.bench_data [--dataset cityscapes|mapillary] [--images 8] [--repeats 3]
+        [--crop 1024[,W]] [--width 2048 --height 1024] [--pre-size 0] [--no-gblur] [--resample both|pil|opencv]
         [--step-time 0.5 --batch 2] [--no-centroids] [--json out.json]
-    # the published crops: Cityscapes --crop 1024,2048 --no-gblur; Mapillary --width 4000 --height 3000
-    #     --pre-size 2177 --crop 1024
+    # the published crops: Cityscapes --crop 1024,2048 --no-gblur; Mapillary --dataset mapillary --width 4000
+    #     --height 3000 --pre-size 2177 --crop 1024
 
-Writes N generated street scenes as PNG (image + label ids) to a temporary Cityscapes-layout folder, then times
+Writes N generated street scenes to a temporary folder, in the dataset's layout and formats (Cityscapes: PNG images
+and label-id PNGs; Mapillary: JPEG images, quality 90, and palette-PNG labels), then times
 (median CPU time per image, the pipelines interleaved), in one process and one thread (= one DataLoader worker on a
 core of its own; the centroid timing is wall time):
-  * ours, per --resample: the training item of CityscapesDataset (decode, id -> train id, random scale 0.5-2
+  * ours, per --resample: the training item of the dataset (decode, id -> train id, random scale 0.5-2
     (after --pre-size) + crop, flip, colour jitter, [Gaussian blur], normalisation), data.resample=pil (Pillow's
     values, the default) and/or opencv;
   * PIL: the same steps as the original code does them (PIL decode, resize whole image bicubic / mask nearest,
@@ -35,11 +36,35 @@ import numpy as np
 import torch
 
 from datasets import SampleRef
-from datasets.cityscapes import CityscapesDataset, label_map
+from datasets.cityscapes import PALETTE, CityscapesDataset, label_map
+from datasets.mapillary import MapillaryDataset
 from datasets.synthetic import synthetic_scene
 from datasets.uniform import compute_centroids
 from transforms import build_transforms
 from utils.config import DataConfig
+
+
+def write_mapillary(root: str, n: int, height: int, width: int) -> None:
+    """A Mapillary-layout folder: config.json with the 19 Cityscapes classes and an unlabeled label, JPEG images,
+    palette PNGs of label indices."""
+    from PIL import Image
+
+    labels = [{"readable": f"class {i}", "color": [int(c) for c in PALETTE[i]], "evaluate": True} for i in range(19)]
+    labels.append({"readable": "Unlabeled", "color": [0, 0, 0], "evaluate": False})
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump({"labels": labels}, f)
+    for sub in ("images", "labels"):
+        os.makedirs(os.path.join(root, "training", sub), exist_ok=True)
+    lut = label_map()._lut(256)[0]
+    palette = [c for lab in labels for c in lab["color"]]
+    for i in range(n):
+        image, ids = synthetic_scene(7, "train", i, height, width)
+        train_ids = lut[ids]
+        index = np.where(train_ids == 255, 19, train_ids).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, "training", "images", f"m{i:04d}.jpg"), quality=90)
+        mask = Image.fromarray(index, mode="P")
+        mask.putpalette(palette + [0] * (768 - len(palette)))
+        mask.save(os.path.join(root, "training", "labels", f"m{i:04d}.png"))
 
 
 def write_dataset(root: str, n: int, height: int, width: int) -> None:
@@ -58,14 +83,13 @@ class PILPipeline:
     """The same training steps with PIL and torchvision, the way the original pipeline does them."""
 
     def __init__(self, crop: tuple[int, int], scale_min: float, scale_max: float, color_aug: float, pre_size: int,
-                 gblur: bool):
+                 gblur: bool, lut: np.ndarray):
         import torchvision.transforms as T
 
         self.crop_h, self.crop_w = crop
         self.scale_min, self.scale_max, self.pre_size, self.gblur = scale_min, scale_max, pre_size, gblur
         self.jitter = T.ColorJitter(color_aug, color_aug, color_aug, color_aug)
         self.to_tensor = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-        lut = label_map()._lut(256)[0]
         self.lut = lut
 
     def __call__(self, image_path: str, mask_path: str):
@@ -114,6 +138,8 @@ def parse_crop(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=("cityscapes", "mapillary"), default="cityscapes",
+                   help="folder layout and file formats (Mapillary: JPEG images, palette labels)")
     p.add_argument("--images", type=int, default=8, help="generated scenes")
     p.add_argument("--repeats", type=int, default=3, help="passes over the images per pipeline")
     p.add_argument("--crop", type=parse_crop, default=(1024, 1024), help="training crop H or H,W")
@@ -132,21 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(0)  # one worker = one thread
     root = tempfile.mkdtemp(prefix="bench_data_")
     modes = ("pil", "opencv") if args.resample == "both" else (args.resample,)
-    results: dict = {"images": args.images, "size": [args.width, args.height], "crop": list(args.crop),
+    results: dict = {"dataset": args.dataset, "images": args.images, "size": [args.width, args.height], "crop": list(args.crop),
                      "long_edge": args.pre_size, "gaussian_blur": not args.no_gblur}
     try:
         t = time.perf_counter()
-        write_dataset(root, args.images, args.height, args.width)
-        print(f"wrote {args.images} scenes of {args.width}x{args.height} in {time.perf_counter() - t:.1f}s")
-        cfg = DataConfig.make(dataset="cityscapes", root=root, crop_size=args.crop, long_edge=args.pre_size,
-                         gaussian_blur=not args.no_gblur, color_jitter=0.25)
-        datasets = {m: CityscapesDataset(root, "train", build_transforms(cfg.updated(resample=m), True, 255))
-                    for m in modes}
+        (write_mapillary if args.dataset == "mapillary" else write_dataset)(root, args.images, args.height,
+                                                                              args.width)
+        print(f"wrote {args.images} {args.dataset} scenes of {args.width}x{args.height} in "
+              f"{time.perf_counter() - t:.1f}s")
+        cfg = DataConfig.make(dataset=args.dataset, root=root, crop_size=args.crop, long_edge=args.pre_size,
+                              gaussian_blur=not args.no_gblur, color_jitter=0.25)
+        kind = MapillaryDataset if args.dataset == "mapillary" else CityscapesDataset
+        ignore = 19 if args.dataset == "mapillary" else 255
+        datasets = {m: kind(root, "train", build_transforms(cfg.updated(resample=m), True, ignore)) for m in modes}
         ds = datasets[modes[0]]
         n = args.images * args.repeats
 
         a = cfg.augment
-        pil = PILPipeline(args.crop, a.scale_min, a.scale_max, a.color_jitter, args.pre_size, a.gaussian_blur)
+        pil = PILPipeline(args.crop, a.scale_min, a.scale_max, a.color_jitter, args.pre_size, a.gaussian_blur,
+                          ds.label_map._lut(256)[0])
         for d in datasets.values():
             d[SampleRef(0, 0)]  # warm-up (imports, allocations)
         pil(ds.samples[0].image, ds.samples[0].mask)

@@ -5,7 +5,10 @@
 #      fp32, fused SGD against foreach); a skipped test counts as a failure here;
 #   3. python -m scripts.bench --device cuda --full: the training-step table (images/s, MFU, phases) of both
 #      models at 1024x1024 x 2, and the recipe section (FLOPs; Mapillary evaluation memory, measured);
-#   4. one JSON with everything: OUT (default gpu_check.json).
+#   4. python -m scripts.bench_data for the two recipes' training items (Cityscapes: PNG, 1024x2048 crop; Mapillary:
+#      JPEG 4000x3000, long edge 2177, 1024x1024 crop, blur), one worker per core, Pillow-exact; with the
+#      recipes' data.num_workers, the loader's images/s against what the measured HRNet-OCR step consumes;
+#   5. one JSON with everything: OUT (default gpu_check.json).
 # Every stage has its own time limit and the script stops at the first failure, naming the stage.
 #
 #   scripts/gpu_check.sh [OUT.json]
@@ -45,10 +48,14 @@ stage() {
 
 if [[ $DRY -eq 1 ]]; then
   DEVICE=cpu
+  DATA_CS=(--images 2 --repeats 1 --width 256 --height 128 --crop 128,256)
+  DATA_MVD=(--images 2 --repeats 1 --width 400 --height 300 --pre-size 217 --crop 128)
   BENCH=(--width tiny --crop 64x64 --eval-size 32x48 --rounds 1 --warmup 0 --sections train
          --out "$WORK/bench.json")
 else
   DEVICE=cuda
+  DATA_CS=(--images 4 --repeats 2 --crop 1024,2048)
+  DATA_MVD=(--images 4 --repeats 2 --width 4000 --height 3000 --pre-size 2177 --crop 1024)
   BENCH=(--device cuda --full --rounds 3 --sections train recipe --out "$WORK/bench.json")
 fi
 
@@ -74,6 +81,10 @@ if [[ $DRY -eq 0 ]] && grep -q '<skipped' "$WORK/tests.xml"; then
 fi
 
 stage bench 200 "$PY" -m scripts.bench "${BENCH[@]}"
+stage data_cityscapes 60 env OMP_NUM_THREADS=1 "$PY" -m scripts.bench_data "${DATA_CS[@]}" --no-gblur \
+  --resample pil --no-centroids --json "$WORK/data_cityscapes.json"
+stage data_mapillary 90 env OMP_NUM_THREADS=1 "$PY" -m scripts.bench_data --dataset mapillary "${DATA_MVD[@]}" \
+  --resample pil --no-centroids --json "$WORK/data_mapillary.json"
 
 "$PY" - "$WORK" "$OUT" "$DRY" <<'EOF'
 import json, sys
@@ -85,11 +96,29 @@ tests = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", 
 with open(f"{work}/bench.json") as f:
     bench = json.load(f)
 stages = dict(line.split() for line in open(f"{work}/stages.txt"))
+train = {r["model"]: r for r in bench.get("train", [])}
+sys.path.insert(0, ".")
+from utils.config import load_config
+# The HRNet-OCR step measured at 1024x1024 x 2 (the Mapillary recipe); the Cityscapes recipe's 1024x2048 x 1 crop
+# has as many pixels, so its step is taken to consume half the images per second.
+step = train["hmsa_ocrnet_hrnet_w48"]
+data = {}
+for name, config, per_step in (("cityscapes", "configs/cityscapes/hmsa_ocrnet_hrnet_w48_1024x2048.yaml", 0.5),
+                               ("mapillary", "configs/mapillary/hmsa_ocrnet_hrnet_w48_1024x1024.yaml", 1.0)):
+    with open(f"{work}/data_{name}.json") as f:
+        measured = json.load(f)
+    workers = load_config(config).data.num_workers
+    loader = workers * measured["pil_img_per_s_per_worker"]
+    consumed = per_step * step["images_per_s"]
+    data[name] = {"per_worker_img_per_s": measured["pil_img_per_s_per_worker"], "workers": workers,
+                  "loader_img_per_s": loader, "step_img_per_s": consumed, "headroom": loader / consumed,
+                  "measured": measured}
+    print(f"data {name}: {workers} workers x {measured['pil_img_per_s_per_worker']:.2f} img/s = {loader:.1f} img/s "
+          f"against {consumed:.2f} img/s per GPU step: {loader / consumed:.2f}x (goal >= 2x)")
 result = {"dry_run": dry, "device": bench["machine"]["device"], "stage_seconds": {k: int(v) for k, v in stages.items()},
-          "tests": tests, "bench": bench}
+          "tests": tests, "bench": bench, "data": data}
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
-train = {r["model"]: r for r in bench.get("train", [])}
 for name, r in train.items():
     print(f"{name}: {r['images_per_s']:.2f} img/s, MFU {r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')} "
           f"at {r['crop'][0]}x{r['crop'][1]} x {r['batch']}")

@@ -80,6 +80,12 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["dry_run"] is True and result["device"].startswith("CPU")
-    assert set(result["stage_seconds"]) == {"preflight", "tests", "bench"}
+    assert set(result["stage_seconds"]) == {"preflight", "tests", "bench", "data_cityscapes", "data_mapillary"}
+    for name, row in result["data"].items():
+        assert row["workers"] == 4  # the recipes' data.num_workers
+        assert row["loader_img_per_s"] == pytest.approx(4 * row["per_worker_img_per_s"])
+        assert row["headroom"] == pytest.approx(row["loader_img_per_s"] / row["step_img_per_s"])
+    assert result["data"]["mapillary"]["measured"]["dataset"] == "mapillary"
+    assert "data mapillary: 4 workers" in done.stdout
     assert result["tests"]["tests"] == result["tests"]["skipped"] == 5  # without CUDA every GPU test skips
     assert {r["model"] for r in result["bench"]["train"]} == set(bench.PAIRS)
