@@ -118,15 +118,16 @@ class MscaleBase(nn.Module):
     def nscale_forward(self, images: torch.Tensor, scales: Sequence[float]) -> dict[str, torch.Tensor]:
         """Inference on any scale set containing 1.0; returns the fused maps and every scale's own.
 
-        The top scale starts the chain, so its attention weights nothing; its head is not run and there is no
-        'attn' of that scale (the original runs the head and drops the map when the top scale is 2.0). At 0.5, 1,
-        2 on HRNet-OCR this head is 11.6 % of the inference's multiply-adds (docs/performance.md).
+        The top scale starts the chain, so its attention weights nothing; in eval mode its head is not run and
+        there is no 'attn' of that scale (the original runs the head and drops the map when the top scale is 2.0).
+        At 0.5, 1, 2 on HRNet-OCR this head is 11.6 % of the inference's multiply-adds (docs/performance.md). In
+        training mode it runs, as in the original, for its BatchNorm running statistics.
         """
         out: dict[str, torch.Tensor] = {}
         fused: dict[str, torch.Tensor | None] = {k: None for k in FUSED_KEYS}
         order = check_scales(scales)
         for s in order:
-            single = self.single_forward(rescale(images, s), attention=s != order[0])
+            single = self.single_forward(rescale(images, s), attention=self.training or s != order[0])
             attn = single.get("attn")
             if attn is not None:
                 out[scale_key("attn", s)] = attn

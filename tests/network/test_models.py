@@ -102,6 +102,11 @@ def test_nscale_skips_only_the_top_scale_attention_and_changes_no_bit(name):
         assert {k for k in out if k.startswith("attn_")} == {scale_key("attn", s) for s in order[1:]}
         for s in order[1:]:
             assert torch.equal(out[scale_key("attn", s)], singles[s]["attn"])
+    model.train()  # training mode runs it, for its BatchNorm running statistics
+    before = model.scale_attn.bn0.num_batches_tracked.item()
+    calls.clear()
+    model(x.repeat(2, 1, 1, 1), scales=[0.5, 1.0])  # two images: BatchNorm of 1x1 maps in training
+    assert len(calls) == 2 and model.scale_attn.bn0.num_batches_tracked.item() == before + 2
 
 
 @pytest.mark.parametrize("name,keys,params", [
