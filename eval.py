@@ -200,6 +200,9 @@ def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out
     reader = VideoReader(args.video)
     stem = os.path.splitext(os.path.basename(args.video))[0]
     out_path = args.video_out or os.path.join(out_dir, f"{stem}_seg.mp4")
+    if cfg.eval.video_attention and (len(cfg.eval.scales) < 2 or not has_attention(model)):
+        log.warn(f"eval.video_attention: no attention map to show (a model with scale attention shows one per scale "
+                 f"below the top one of eval.scales, {list(cfg.eval.scales)}); the video has the overlay only")
     frames = annotate_video(
         model, reader, out_path, build_transforms(cfg.data, False, classes.ignore_index), classes.palette, device,
         Inference.from_config(cfg), cfg.eval.video_attention, Progress(reader.frame_count, unit="frames"),

@@ -231,6 +231,16 @@ def test_video_is_annotated_frame_by_frame(setup, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_video_attention_at_one_scale_warns_and_shows_the_overlay(setup, tmp_path, capsys):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip, frames=2)
+    summary = run(setup, tmp_path / "one", "--video", str(clip), "eval.video_attention=true", "eval.scales=[1.0]")
+    ok, frame = cv2.VideoCapture(summary["video"]).read()
+    assert ok and frame.shape == (HEIGHT, WIDTH, 3)
+    assert "eval.video_attention: no attention map to show" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_bad_input_fails_before_any_work(setup, tmp_path):
     out = tmp_path / "bad"
     with pytest.raises(SystemExit, match=r"eval.scales.*contain 1.0"):
