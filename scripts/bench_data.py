@@ -29,15 +29,14 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 import cv2
 import numpy as np
 import torch
 
 from datasets import SampleRef
-from datasets.cityscapes import PALETTE, CityscapesDataset, label_map
-from datasets.mapillary import MapillaryDataset
+from datasets.cityscapes import CLASSES, PALETTE, CityscapesDataset, label_map
+from datasets.mapillary import MapillaryDataset, read_config
 from datasets.synthetic import synthetic_scene
 from datasets.uniform import compute_centroids
 from transforms import build_transforms
@@ -49,18 +48,19 @@ def write_mapillary(root: str, n: int, height: int, width: int) -> None:
     palette PNGs of label indices."""
     from PIL import Image
 
-    labels = [{"readable": f"class {i}", "color": [int(c) for c in PALETTE[i]], "evaluate": True} for i in range(19)]
+    labels = [{"readable": f"class {i}", "color": [int(c) for c in color], "evaluate": True}
+              for i, color in enumerate(PALETTE)]
     labels.append({"readable": "Unlabeled", "color": [0, 0, 0], "evaluate": False})
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump({"labels": labels}, f)
     for sub in ("images", "labels"):
         os.makedirs(os.path.join(root, "training", sub), exist_ok=True)
-    lut = label_map()._lut(256)[0]
+    to_train_ids = label_map()
     palette = [c for lab in labels for c in lab["color"]]
     for i in range(n):
         image, ids = synthetic_scene(7, "train", i, height, width)
-        train_ids = lut[ids]
-        index = np.where(train_ids == 255, 19, train_ids).astype(np.uint8)
+        train_ids = to_train_ids(ids)
+        index = np.where(train_ids == 255, len(PALETTE), train_ids).astype(np.uint8)  # ignore -> "Unlabeled"
         Image.fromarray(image).save(os.path.join(root, "training", "images", f"m{i:04d}.jpg"), quality=90)
         mask = Image.fromarray(index, mode="P")
         mask.putpalette(palette + [0] * (768 - len(palette)))
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     cv2.setNumThreads(0)  # one worker = one thread
     root = tempfile.mkdtemp(prefix="bench_data_")
     modes = ("pil", "opencv") if args.resample == "both" else (args.resample,)
-    results: dict = {"dataset": args.dataset, "images": args.images, "size": [args.width, args.height], "crop": list(args.crop),
-                     "long_edge": args.pre_size, "gaussian_blur": not args.no_gblur}
+    results: dict = {"dataset": args.dataset, "images": args.images, "size": [args.width, args.height],
+                     "crop": list(args.crop), "long_edge": args.pre_size, "gaussian_blur": not args.no_gblur}
     try:
         t = time.perf_counter()
         (write_mapillary if args.dataset == "mapillary" else write_dataset)(root, args.images, args.height,
@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - t:.1f}s")
         cfg = DataConfig.make(dataset=args.dataset, root=root, crop_size=args.crop, long_edge=args.pre_size,
                               gaussian_blur=not args.no_gblur, color_jitter=0.25)
-        kind = MapillaryDataset if args.dataset == "mapillary" else CityscapesDataset
-        ignore = 19 if args.dataset == "mapillary" else 255
+        if args.dataset == "mapillary":
+            kind, ignore = MapillaryDataset, read_config(os.path.join(root, "config.json"))[0].ignore_index
+        else:
+            kind, ignore = CityscapesDataset, CLASSES.ignore_index
         datasets = {m: kind(root, "train", build_transforms(cfg.updated(resample=m), True, ignore)) for m in modes}
         ds = datasets[modes[0]]
         n = args.images * args.repeats

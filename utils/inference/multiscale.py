@@ -264,7 +264,6 @@ class MultiScalePass:
             return outs[1.0]["pred"]
         if rule == "attention":
             if "attn" not in outs[scales[-1]]:  # the lowest scale: never the top one, which has no 'attn'
-
                 raise ValueError("attention fusion on a model without scale attention")
             return self._chain(mirrored, scales)
         # Not cached: a few element-wise ops over the cached resized logits, and a fused map per set and rule would
@@ -463,9 +462,8 @@ class ScheduledPass:
 
     def _forward(self, fn: Forward, x: torch.Tensor, scale: float, attention: bool) -> Maps:
         s = self.schedule
-        if s.window is not None and scale >= s.window_from:
-            return scale_forward(fn, x, attention, s.window, self.overlap)
-        return scale_forward(fn, x, attention, self.window, self.overlap)
+        window = s.window if s.window is not None and scale >= s.window_from else self.window
+        return scale_forward(fn, x, attention, window, self.overlap)
 
     def _run(self, fn: Forward, images: torch.Tensor) -> tuple[dict, dict]:
         groups: dict[tuple[tuple[float, ...], str], set[bool]] = {}

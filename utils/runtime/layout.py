@@ -20,7 +20,8 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool, ret
     Images need no conversion: a convolution with channels-last weights gives channels-last outputs, and the
     layers after it keep that layout. On a CPU, channels-last convolutions skip oneDNN's layout reorders; on a GPU
     cuDNN uses tensor cores without transposes. Channels-last on a CPU also routes the 1x1 convolutions to oneDNN
-    (`route_pointwise_to_onednn`) and the convolutions' weight gradients to faster kernels (`route_weight_grads`). `retain_memory` applies `retain_host_memory` on a CPU device.
+    (`route_pointwise_to_onednn`) and the convolutions' weight gradients to faster kernels (`route_weight_grads`).
+    `retain_memory` applies `retain_host_memory` on a CPU device.
     """
     fmt = torch.channels_last if channels_last else torch.preserve_format
     if retain_memory and device.type == "cpu":
