@@ -4,6 +4,10 @@ the contiguous (NCHW) layout, the default before channels-last.
 
     OMP_NUM_THREADS=1 python -m scripts.bench_conv                        # both full-width models, 256x256 x 2
     python -m scripts.bench_conv --models hmsa_deeplabv3plus --width narrow --top 10 --out conv.json
+    python -m scripts.bench_conv --rule avx2       # the routes picked for oneDNN's AVX2 kernels, timed here
+
+The routes follow the rule for the instruction set oneDNN runs here (`--rule auto`); `--rule avx2|avx512` times
+the other rule's routes on this machine (ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN itself run its AVX2 kernels).
 
 The convolutions are collected from one training forward pass of the model (both scales, as train.py places it),
 grouped by geometry. For each geometry the forward pass, the input gradient and the two weight gradients run in
@@ -33,7 +37,7 @@ from torch import nn
 
 import network
 from scripts.bench import NUM_CLASSES, PAIRS, WIDTHS, parse_size
-from utils.runtime.cpu_conv import onednn_backward, weight_grad, weight_grad_route
+from utils.runtime.cpu_conv import onednn_avx512, onednn_backward, weight_grad, weight_grad_route
 from utils.runtime.layout import place_model
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int], tuple[int, int], bool]
@@ -74,7 +78,8 @@ def _rel(ref: torch.Tensor, value: torch.Tensor) -> float:
     return ((value.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
-def measure(geometry: Geometry, repeats: int, seed: int = 0) -> dict[str, Any]:
+def measure(geometry: Geometry, repeats: int, avx512: bool, seed: int = 0) -> dict[str, Any]:
+    """Times and errors of one geometry's kernels; the routed weight gradient by the rule for `avx512`."""
     in_shape, w_shape, stride, padding, dilation, input_grad = geometry
     gen = torch.Generator().manual_seed(seed)
     cl = torch.channels_last
@@ -83,13 +88,14 @@ def measure(geometry: Geometry, repeats: int, seed: int = 0) -> dict[str, Any]:
     grad = torch.randn(F.conv2d(x, w, None, stride, padding, dilation).shape, generator=gen).contiguous(memory_format=cl)
 
     xc, wc, gc = x.contiguous(), w.contiguous(), grad.contiguous()
+    route = weight_grad_route(in_shape, w_shape, grad.shape, stride, padding, dilation, avx512)
 
     def backward(mask: list[bool], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return onednn_backward(*tensors, stride, padding, dilation, mask)
 
     calls = {"forward": lambda: F.conv2d(x, w, None, stride, padding, dilation),
              "weight_onednn": lambda: backward([False, True, False], grad, x, w),
-             "weight_routed": lambda: weight_grad(grad, x, w, stride, padding, dilation),
+             "weight_routed": lambda: weight_grad(grad, x, w, stride, padding, dilation, route),
              "forward_nchw": lambda: F.conv2d(xc, wc, None, stride, padding, dilation),
              "weight_nchw": lambda: backward([False, True, False], gc, xc, wc)}
     if input_grad:
@@ -99,26 +105,28 @@ def measure(geometry: Geometry, repeats: int, seed: int = 0) -> dict[str, Any]:
     exact = backward([False, True, False], grad.double(), x.double(), w.double())[1]
     flops = 2 * grad.numel() * w_shape[1] * w_shape[2] * w_shape[3]
     return {"input": list(in_shape), "weight": list(w_shape), "stride": list(stride), "padding": list(padding),
-            "dilation": list(dilation), "route": weight_grad_route(in_shape, w_shape, grad.shape, stride, padding),
+            "dilation": list(dilation), "route": route,
             "gflop": flops / 1e9, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
             "input_ms": times.get("input", 0.0) * 1e3, "input_nchw_ms": times.get("input_nchw", 0.0) * 1e3,
             "weight_onednn_err": _rel(exact, calls["weight_onednn"]()[1]),
             "weight_routed_err": _rel(exact, calls["weight_routed"]())}
 
 
-def bench_model(name: str, width: str, crop: tuple[int, int], batch: int, repeats: int) -> dict[str, Any]:
+def bench_model(name: str, width: str, crop: tuple[int, int], batch: int, repeats: int, avx512: bool
+                ) -> dict[str, Any]:
     torch.manual_seed(0)
     model = network.build_model(name, NUM_CLASSES, **WIDTHS[width][name]).train()
     place_model(model, torch.device("cpu"), channels_last=True)
     images = torch.randn(batch, 3, *crop).contiguous(memory_format=torch.channels_last)
     rows = []
     for geometry, count in collect(model, images).items():
-        rows.append({"calls": count, **measure(geometry, repeats)})
+        rows.append({"calls": count, **measure(geometry, repeats, avx512)})
     totals = {key: sum(r["calls"] * r[f"{key}_ms"] for r in rows) / 1e3
               for key in ("forward", "input", "weight_onednn", "weight_routed", "forward_nchw", "input_nchw",
                           "weight_nchw")}
     totals["floor"] = sum(r["calls"] * floor_ms(r) for r in rows) / 1e3
-    return {"model": name, "width": width, "crop": list(crop), "batch": batch, "rows": rows, "totals_s": totals}
+    return {"model": name, "width": width, "crop": list(crop), "batch": batch, "rule": "avx512" if avx512 else "avx2",
+            "rows": rows, "totals_s": totals}
 
 
 def floor_ms(row: dict[str, Any]) -> float:
@@ -129,7 +137,8 @@ def floor_ms(row: dict[str, Any]) -> float:
 
 def table(result: dict[str, Any], top: int) -> str:
     rows = sorted(result["rows"], key=lambda r: -r["calls"] * r["weight_onednn_ms"])
-    lines = [f"### {result['model']} ({result['width']}), {result['crop'][0]}x{result['crop'][1]} x {result['batch']}",
+    lines = [f"### {result['model']} ({result['width']}), {result['crop'][0]}x{result['crop'][1]} x {result['batch']}, "
+             f"routes for oneDNN's {result['rule'].upper()} kernels",
              "", "| calls | input | weight | stride / pad / dil | GFLOP | forward ms | input grad ms | weight grad: "
              "oneDNN ms | routed ms | speed-up | route | error vs float64 (oneDNN / routed) | NCHW: forward / input / "
              "weight ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -163,6 +172,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per kernel (the fastest is kept)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=15, help="geometries printed per model")
+    parser.add_argument("--rule", choices=("auto", "avx2", "avx512"), default="auto",
+                        help="route rule (auto: for the instruction set oneDNN runs here)")
     parser.add_argument("--out", help="JSON file for every row")
     args = parser.parse_args(argv)
     if args.batch < 2:
@@ -175,14 +186,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    avx512 = onednn_avx512() if args.rule == "auto" else args.rule == "avx512"
+    print(f"# oneDNN kernels here: {'AVX-512' if onednn_avx512() else 'AVX2 or older'}; "
+          f"torch {torch.__version__}, {args.threads} thread(s)\n", flush=True)
     results = []
     for name in args.models:
-        result = bench_model(name, args.width, args.crop, args.batch, args.repeats)
+        result = bench_model(name, args.width, args.crop, args.batch, args.repeats, avx512)
         print(table(result, args.top), flush=True)
         results.append(result)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "results": results}, f, indent=1)
+            json.dump({"threads": args.threads, "onednn_avx512": onednn_avx512(), "results": results}, f, indent=1)
     return results
 
 

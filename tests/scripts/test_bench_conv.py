@@ -41,3 +41,23 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         bench_conv.parse_args(args)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_rule_option_times_the_routes_of_that_rule(tmp_path, capsys):
+    """`--rule avx2` on any machine: every row's route is the AVX2 rule's, which routes the larger convolutions."""
+    from utils.runtime.cpu_conv import weight_grad_route
+
+    out = tmp_path / "conv.json"
+    (result,) = bench_conv.main(["--models", "hmsa_deeplabv3plus", "--width", "tiny", "--crop", "64x64",
+                                 "--repeats", "1", "--top", "1", "--rule", "avx2", "--out", str(out)])
+    assert "routes for oneDNN's AVX2 kernels" in capsys.readouterr().out
+    rows = result["rows"]
+    for r in rows:
+        out_shape = (r["input"][0], r["weight"][0], *(
+            (r["input"][2 + a] + 2 * r["padding"][a] - r["dilation"][a] * (r["weight"][2 + a] - 1) - 1)
+            // r["stride"][a] + 1 for a in (0, 1)))
+        geometry = tuple(tuple(r[k]) for k in ("stride", "padding", "dilation"))
+        assert r["route"] == weight_grad_route(r["input"], r["weight"], out_shape, *geometry, avx512=False)
+    assert {"native", "flat", "taps"} <= {r["route"] for r in rows}
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["rule"] == "avx2" and isinstance(saved["onednn_avx512"], bool)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.runtime import cpu_conv
-from utils.runtime.cpu_conv import CpuTrainingConv2d, route_weight_grads, weight_grad_route
+from utils.runtime.cpu_conv import CpuTrainingConv2d, route_weight_grads, seen_share, weight_grad_route
 from utils.runtime.layout import place_model
 
 CPU = torch.device("cpu")
@@ -41,9 +41,9 @@ _chosen = cpu_conv.weight_grad_route
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch):
     """Every convolution's weight gradient through one route (flat only where it applies: stride 1)."""
-    def forced(x_shape, weight_shape, out_shape, stride, padding):
+    def forced(x_shape, weight_shape, out_shape, stride, padding, dilation=(1, 1), avx512=None):
         if request.param == "flat" and stride != (1, 1):
-            return _chosen(x_shape, weight_shape, out_shape, stride, padding)
+            return _chosen(x_shape, weight_shape, out_shape, stride, padding, dilation, avx512=False)
         return request.param
     monkeypatch.setattr(cpu_conv, "weight_grad_route", forced)
     return request.param
@@ -127,9 +127,9 @@ def test_matrix_product_routes_at_the_map_edges(kernel, stride, padding, dilatio
     assert got.shape == want.shape and _rel(want, got) < 1e-12
 
 
-def test_route_choice_by_shape():
+def test_route_choice_by_shape_for_avx2_kernels():
     def route(x, w, out, stride=(1, 1), padding=(1, 1)):
-        return weight_grad_route(x, w, out, stride, padding)
+        return weight_grad_route(x, w, out, stride, padding, padding, avx512=False)
 
     assert route((2, 3, 256, 256), (64, 3, 3, 3), (2, 64, 128, 128), (2, 2)) == "onednn"  # the stem
     assert route((2, 48, 64, 64), (48, 48, 3, 3), (2, 48, 64, 64)) == "flat"  # padded 66² / 64² = 1.06
@@ -138,6 +138,74 @@ def test_route_choice_by_shape():
     assert route((2, 2048, 32, 32), (256, 2048, 3, 3), (2, 256, 32, 32), padding=(12, 12)) == "taps"
     assert route((2, 2048, 32, 32), (256, 2048, 1, 1), (2, 256, 32, 32), padding=(0, 0)) == "flat"
     assert route((2, 32, 8, 8), (32, 32, 3, 3), (2, 32, 8, 8)) == "native"  # 2.4 MFLOP: the calls cost more
+
+
+def test_route_choice_by_shape_for_avx512_kernels():
+    """oneDNN's own weight gradient everywhere but where at most half the tap-pixel products see the map."""
+    def route(x, w, out, stride=(1, 1), padding=(1, 1)):
+        return weight_grad_route(x, w, out, stride, padding, padding, avx512=True)
+
+    assert route((2, 3, 256, 256), (64, 3, 3, 3), (2, 64, 128, 128), (2, 2)) == "native"  # the stem
+    assert route((2, 48, 64, 64), (48, 48, 3, 3), (2, 48, 64, 64)) == "native"
+    assert route((2, 720, 64, 64), (512, 720, 3, 3), (2, 512, 64, 64)) == "native"
+    assert route((2, 2048, 32, 32), (256, 2048, 1, 1), (2, 256, 32, 32), padding=(0, 0)) == "native"
+    assert route((2, 2048, 32, 32), (256, 2048, 3, 3), (2, 256, 32, 32), padding=(12, 12)) == "native"  # 0.5625
+    for rate in (24, 36):
+        assert route((2, 2048, 32, 32), (256, 2048, 3, 3), (2, 256, 32, 32), padding=(rate, rate)) == "taps"
+    assert route((2, 2048, 16, 16), (256, 2048, 3, 3), (2, 256, 16, 16), padding=(12, 12)) == "taps"  # 0.25
+    assert route((1, 64, 4, 4), (64, 64, 3, 3), (1, 64, 4, 4), padding=(3, 3)) == "native"  # 0.6 MFLOP
+
+
+def test_seen_share_counts_the_taps_inside_the_map():
+    def share(size, kernel, stride, padding, dilation):
+        out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+        return seen_share((1, 1, size, size), (1, 1, kernel, kernel), (1, 1, out, out), (stride, stride),
+                          (padding, padding), (dilation, dilation))
+
+    assert share(8, 3, 1, 1, 1) == pytest.approx((22 / 24) ** 2)  # the edge rows and columns miss one tap each
+    assert share(32, 3, 1, 24, 24) == pytest.approx(0.25)  # off-centre taps see 8 of 32 rows: (48 / 96)²
+    assert share(32, 3, 1, 36, 36) == pytest.approx(1 / 9)  # only the centre tap sees the map
+    assert share(16, 1, 1, 0, 2) == 1.0
+    assert share(9, 3, 2, 1, 1) == pytest.approx((13 / 15) ** 2)  # stride 2: tap 0 misses output 0, tap 2 output 4
+
+
+@pytest.fixture
+def fresh_isa_cache():
+    cpu_conv.onednn_avx512.cache_clear()
+    yield
+    cpu_conv.onednn_avx512.cache_clear()
+
+
+@pytest.mark.parametrize("capability, cap, expected", [
+    ("AVX512", None, True), ("AVX512", "AVX512_CORE_AMX", True), ("AVX512", "avx2", False),
+    ("AVX512", "AVX2_VNNI", False), ("AVX512", "AVX", False), ("AVX2", None, False), ("DEFAULT", None, False)])
+def test_avx512_detection_follows_the_cpu_and_onednns_cap(capability, cap, expected, monkeypatch, fresh_isa_cache):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert cpu_conv.onednn_avx512() is expected
+
+
+@pytest.mark.parametrize("avx512, node", [(False, "_Conv2dFunctionBackward"), (True, "ConvolutionBackward0")])
+def test_an_unrouted_convolution_runs_the_plain_call(avx512, node, monkeypatch):
+    """A 3x3 convolution on a 32x32 map routes on AVX2 kernels only; on AVX-512 it is the plain call, the same
+    autograd node and the same gradient bits as `nn.Conv2d`."""
+    monkeypatch.setattr(cpu_conv, "onednn_avx512", lambda: avx512)
+    torch.manual_seed(0)
+    plain = nn.Conv2d(64, 64, 3, padding=1)
+    routed = copy.deepcopy(plain)
+    route_weight_grads(routed)
+    x = torch.randn(1, 64, 32, 32)
+    assert _backward_nodes(routed(x)) == node
+    want, got = _grads(plain, x), _grads(routed, x)
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    if avx512:  # the same oneDNN call
+        assert torch.equal(want[2], got[2]) and torch.equal(want[3], got[3])
+    else:  # the same sums in another order
+        assert _rel(want[2], got[2]) < 1e-5 and _rel(want[3], got[3]) < 1e-5
 
 
 def test_swap_keeps_parameters_state_dict_and_pickling():
@@ -165,10 +233,15 @@ def _backward_nodes(y: torch.Tensor) -> str:
     return type(y.grad_fn).__name__ if y.grad_fn is not None else "none"
 
 
-def test_only_cpu_training_without_autocast_takes_the_function():
-    conv = nn.Conv2d(3, 4, 3, padding=1)
+PADDING_BOUND = dict(in_channels=64, out_channels=64, kernel_size=3, padding=12, dilation=12)  # 16x16: share 0.25
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_only_cpu_training_without_autocast_takes_the_function(avx512, monkeypatch):
+    monkeypatch.setattr(cpu_conv, "onednn_avx512", lambda: avx512)
+    conv = nn.Conv2d(**PADDING_BOUND)
     route_weight_grads(conv)
-    x = torch.randn(1, 3, 8, 8)
+    x = torch.randn(1, 64, 16, 16)
     assert _backward_nodes(conv(x)) == "_Conv2dFunctionBackward"
     with torch.no_grad():
         assert _backward_nodes(conv(x)) == "none"
@@ -187,10 +260,12 @@ def _convolution_backward_calls(conv: nn.Conv2d, x: torch.Tensor) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution_backward")
 
 
-def test_input_gradient_only_when_the_input_needs_one():
+@pytest.mark.parametrize("avx512", [False, True])
+def test_input_gradient_only_when_the_input_needs_one(avx512, monkeypatch):
     """The first layer's input (the image) needs no gradient: on the matrix-product routes no oneDNN backward runs
     at all; with an input that needs one, one call computes it."""
-    conv = nn.Conv2d(64, 64, 3, padding=1)  # 19 MFLOP on a 16x16 map: the taps route
+    monkeypatch.setattr(cpu_conv, "onednn_avx512", lambda: avx512)
+    conv = nn.Conv2d(**PADDING_BOUND)  # 19 MFLOP, mostly padding: the taps route on either rule
     route_weight_grads(conv)
     assert _convolution_backward_calls(conv, torch.randn(1, 64, 16, 16)) == 0
     assert _convolution_backward_calls(conv, torch.randn(1, 64, 16, 16, requires_grad=True)) == 1
