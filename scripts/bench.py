@@ -480,7 +480,7 @@ def _train_variants(setup: Setup) -> dict[str, dict[str, Any]]:
         "SGD fused": {"sgd": {"fused": True}},
         "channels-last": {"channels_last": True},
         # what train.py does with run.channels_last: on a CPU also the 1x1 and weight-gradient routing
-        "channels-last as placed by train.py (CPU: 1x1 on oneDNN, weight gradients by tap)": {"placed": True},
+        "channels-last as placed by train.py (CPU: 1x1 on oneDNN, weight gradients routed by shape)": {"placed": True},
         f"autocast {low}": {"precision": low},
     }
     if setup.device.type == "cuda":
@@ -831,7 +831,8 @@ def against_table(result: dict[str, Any]) -> str:
             key = "train_channels_last" if r["workload"] == "train" else "eval_channels_last"
             text = "channels-last" if s.get(key) else "contiguous"
             text += ", freed memory kept" if s.get("retain_memory") else ""
-            text += f", weight gradients by tap ({s['routed_convs']} convolutions)" if s.get("routed_convs") else ""
+            text += (f", weight gradients routed by shape ({s['routed_convs']} convolutions eligible)"
+                     if s.get("routed_convs") else "")
             return text + (f", {s['optimizer']}" if "optimizer" in s else "")
 
         upd = (f"{fmt(r['ours_update_err'], '.1e')} / {fmt(r['theirs_update_err'], '.1e')}"
@@ -993,7 +994,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Setup, argparse.Namespace]:
                         help="instead of the sections: the working tree against git revision REV, both models' "
                              "evaluation and training step in alternating processes (crop 256x256, eval 256x512 "
                              "unless given)")
-    parser.add_argument("--calls", type=int, default=2, help="--against: timed calls per process (after a warm-up)")
+    parser.add_argument("--calls", type=int, default=2,
+                        help="--against: timed calls per process (after the warm-up: 2 calls in training, 1 in eval)")
     parser.add_argument("--workloads", nargs="+", choices=("eval", "train"), default=["eval", "train"],
                         help="--against: which workloads (both models each)")
     args = parser.parse_args(argv)
