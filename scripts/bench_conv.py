@@ -186,8 +186,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    avx512 = onednn_avx512() if args.rule == "auto" else args.rule == "avx512"
-    print(f"# oneDNN kernels here: {'AVX-512' if onednn_avx512() else 'AVX2 or older'}; "
+    here = onednn_avx512()
+    avx512 = here if args.rule == "auto" else args.rule == "avx512"
+    print(f"# oneDNN kernels here: {'AVX-512' if here else 'AVX2 or older'}; "
           f"torch {torch.__version__}, {args.threads} thread(s)\n", flush=True)
     results = []
     for name in args.models:
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         results.append(result)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "onednn_avx512": onednn_avx512(), "results": results}, f, indent=1)
+            json.dump({"threads": args.threads, "onednn_avx512": here, "results": results}, f, indent=1)
     return results
 
 

@@ -45,7 +45,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
 
 def test_rule_option_times_the_routes_of_that_rule(tmp_path, capsys):
     """`--rule avx2` on any machine: every row's route is the AVX2 rule's, which routes the larger convolutions."""
-    from utils.runtime.cpu_conv import weight_grad_route
+    from utils.runtime.cpu_conv import conv_out_shape, weight_grad_route
 
     out = tmp_path / "conv.json"
     (result,) = bench_conv.main(["--models", "hmsa_deeplabv3plus", "--width", "tiny", "--crop", "64x64",
@@ -53,10 +53,8 @@ def test_rule_option_times_the_routes_of_that_rule(tmp_path, capsys):
     assert "routes for oneDNN's AVX2 kernels" in capsys.readouterr().out
     rows = result["rows"]
     for r in rows:
-        out_shape = (r["input"][0], r["weight"][0], *(
-            (r["input"][2 + a] + 2 * r["padding"][a] - r["dilation"][a] * (r["weight"][2 + a] - 1) - 1)
-            // r["stride"][a] + 1 for a in (0, 1)))
         geometry = tuple(tuple(r[k]) for k in ("stride", "padding", "dilation"))
+        out_shape = conv_out_shape(r["input"], r["weight"], *geometry)
         assert r["route"] == weight_grad_route(r["input"], r["weight"], out_shape, *geometry, avx512=False)
     assert {"native", "flat", "taps"} <= {r["route"] for r in rows}
     saved = json.loads(out.read_text())

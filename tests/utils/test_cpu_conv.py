@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.runtime import cpu_conv
-from utils.runtime.cpu_conv import CpuTrainingConv2d, route_weight_grads, seen_share, weight_grad_route
+from utils.runtime.cpu_conv import (CpuTrainingConv2d, conv_out_shape, route_weight_grads, seen_share,
+                                    weight_grad_route)
 from utils.runtime.layout import place_model
 
 CPU = torch.device("cpu")
@@ -156,11 +157,17 @@ def test_route_choice_by_shape_for_avx512_kernels():
     assert route((1, 64, 4, 4), (64, 64, 3, 3), (1, 64, 4, 4), padding=(3, 3)) == "native"  # 0.6 MFLOP
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=[str(g[:9]) for g in GEOMETRIES])
+def test_conv_out_shape_is_the_convolutions(geometry):
+    plain, _, x = _pair(torch.float32, geometry)
+    assert conv_out_shape(x.shape, plain.weight.shape, plain.stride, plain.padding, plain.dilation) == plain(x).shape
+
+
 def test_seen_share_counts_the_taps_inside_the_map():
     def share(size, kernel, stride, padding, dilation):
-        out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-        return seen_share((1, 1, size, size), (1, 1, kernel, kernel), (1, 1, out, out), (stride, stride),
-                          (padding, padding), (dilation, dilation))
+        geometry = (stride, stride), (padding, padding), (dilation, dilation)
+        x, w = (1, 1, size, size), (1, 1, kernel, kernel)
+        return seen_share(x, w, conv_out_shape(x, w, *geometry), *geometry)
 
     assert share(8, 3, 1, 1, 1) == pytest.approx((22 / 24) ** 2)  # the edge rows and columns miss one tap each
     assert share(32, 3, 1, 24, 24) == pytest.approx(0.25)  # off-centre taps see 8 of 32 rows: (48 / 96)²

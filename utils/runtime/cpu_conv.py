@@ -7,9 +7,9 @@ gradient is depends on the kernels it picks for the CPU (docs/performance.md, "C
 * with AVX2 kernels it runs at 15-40 GFLOP/s where the forward pass and the input gradient run at 60-80, about
   half of a full-width training step. The same sums come out up to three times faster as one matrix product per
   kernel tap (the output gradient times the input pixels the tap sees);
-* with AVX-512 kernels it runs at 150-230 GFLOP/s, two to three times faster than those matrix products (MKL's
-  GEMM, which PyTorch calls for them, runs its AVX2 code on AMD CPUs). Only convolutions whose taps mostly see
-  zero padding (ASPP's large dilations on small maps) still gain, because the products skip the padding.
+* with AVX-512 kernels it runs at 150-210 GFLOP/s, two to three times faster than those matrix products (80-90
+  GFLOP/s for PyTorch's `torch.mm` on the AMD core measured). Only convolutions whose taps mostly see zero padding
+  (ASPP's large dilations on small maps) still gain, because the products skip the padding.
 
 `weight_grad_route` picks one of:
 
@@ -189,8 +189,9 @@ class _Conv2dFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: tuple[int, int],
-               padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+def conv_out_shape(x_shape: Sequence[int], weight_shape: Sequence[int], stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The output shape of a 2-d convolution of a batched input (the formula of `nn.Conv2d`'s documentation)."""
     size = [(x_shape[2 + a] + 2 * padding[a] - dilation[a] * (weight_shape[2 + a] - 1) - 1) // stride[a] + 1
             for a in (0, 1)]
     return x_shape[0], weight_shape[0], size[0], size[1]
@@ -205,7 +206,7 @@ class CpuTrainingConv2d(nn.Conv2d):
                 and input.dtype == weight.dtype and input.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled("cpu") and input.dim() == 4):
             geometry = self.stride, self.padding, self.dilation
-            route = weight_grad_route(input.shape, weight.shape, _out_shape(input.shape, weight.shape, *geometry),
+            route = weight_grad_route(input.shape, weight.shape, conv_out_shape(input.shape, weight.shape, *geometry),
                                       *geometry)
             if route != "native":  # the plain call is oneDNN's own backward without the Function's overhead
                 return _Conv2dFunction.apply(input, weight, bias, *geometry, route)
