@@ -89,8 +89,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
-        # The fused kernel (CUDA) gives the same update in one launch and no found_inf sync under fp16.
-        fused = any(p.is_cuda for p in params)
+        # The fused kernel (CUDA) gives the same update in one launch, but not under fp16 loss scaling: on a step
+        # the scaler skips (gradients overflowed, as the first steps at the initial scale do) it still creates or
+        # advances the momentum buffers, and the next step applies them (tests/utils/test_precision_steps.py).
+        fused = any(p.is_cuda for p in params) and cfg.run.precision != "fp16"
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -142,6 +144,10 @@ def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo,
     from the checkpoint; returns the progress to continue from."""
     path, ckpt = resume
     for part, key in zip(parts, ("optimizer", "scheduler", "scaler", "state")):
+        if key == "scaler" and part.is_enabled() and not ckpt[key]:
+            # saved by a run without loss scaling (fp32/bf16), resumed in fp16 with --force-resume
+            log.warn(f"{path} holds no loss-scaler state (saved without fp16): the fp16 loss scale starts afresh")
+            continue
         part.load_state_dict(ckpt[key])
     state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
     restore_rng(ckpt, cfg, dist, log)
@@ -394,6 +400,8 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         epoch_ended = batches.step_done()
         if it % cfg.train.log_interval == 0 or it == max_iter:
             values = {k: float(v) for k, v in scalars.items()}  # the host synchronisation, at logging steps only
+            if scaler.is_enabled():  # fp16: halved at each step whose gradients overflowed (a skipped step)
+                values["loss_scale"] = scaler.get_scale()
             if not all(math.isfinite(v) for v in values.values()):
                 raise FloatingPointError(f"non-finite loss at iteration {it}: {values} (lower train.lr, or use "
                                          f"run.precision=fp32; the last checkpoint is kept)")

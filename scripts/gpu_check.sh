@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check, for the few minutes a machine with one NVIDIA GPU is lent (at most 5 minutes in all):
 #   1. pre-flight: torch sees a CUDA device (prints it); otherwise stop at once;
-#   2. the GPU-marked tests (tests/utils/test_gpu.py: NCCL group of one rank, SyncBN, fp16/bf16 steps against
-#      fp32, fused SGD against foreach); a skipped test counts as a failure here;
-#   3. python -m scripts.bench --device cuda --full: the training-step table (images/s, MFU, phases) of both
-#      models at 1024x1024 x 2, and the recipe section (FLOPs; Mapillary evaluation memory, measured);
+#   2. the GPU-marked tests (tests/utils/test_gpu_checks.py and test_precision_steps.py: NCCL group of one rank,
+#      SyncBN, fp16 loss scaling, fp16/bf16 training against fp32, fused SGD against foreach; their CPU cases run
+#      in the default test suite); a skipped test counts as a failure here;
+#   3. python -m scripts.bench --device cuda --full --precision fp16: the training-step table (images/s, MFU,
+#      phases) of both models at 1024x1024 x 2 in the recipes' precision (their run.precision is fp16, so that is
+#      the step the data loader must keep up with), and the recipe section (FLOPs; Mapillary evaluation memory,
+#      measured);
 #   4. python -m scripts.bench_data for the two recipes' training items (Cityscapes: PNG, 1024x2048 crop; Mapillary:
 #      JPEG 4000x3000, long edge 2177, 1024x1024 crop, blur), one worker per core, Pillow-exact; with the
 #      recipes' data.num_workers, the loader's images/s against what the measured HRNet-OCR step consumes;
@@ -50,13 +53,13 @@ if [[ $DRY -eq 1 ]]; then
   DEVICE=cpu
   DATA_CS=(--images 2 --repeats 1 --width 256 --height 128 --crop 128,256)
   DATA_MVD=(--images 2 --repeats 1 --width 400 --height 300 --pre-size 217 --crop 128)
-  BENCH=(--width tiny --crop 64x64 --eval-size 32x48 --rounds 1 --warmup 0 --sections train
+  BENCH=(--width tiny --crop 64x64 --eval-size 32x48 --precision fp16 --rounds 1 --warmup 0 --sections train
          --out "$WORK/bench.json")
 else
   DEVICE=cuda
   DATA_CS=(--images 4 --repeats 2 --crop 1024,2048)
   DATA_MVD=(--images 4 --repeats 2 --width 4000 --height 3000 --pre-size 2177 --crop 1024)
-  BENCH=(--device cuda --full --rounds 3 --sections train recipe --out "$WORK/bench.json")
+  BENCH=(--device cuda --full --precision fp16 --rounds 3 --sections train recipe --out "$WORK/bench.json")
 fi
 
 stage preflight 60 "$PY" - "$DEVICE" <<'EOF'
@@ -74,7 +77,7 @@ else:
     print(f"dry run on the CPU: torch {torch.__version__}")
 EOF
 
-stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/utils/test_gpu.py -rs \
+stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/utils/test_gpu_checks.py tests/utils/test_precision_steps.py -rs \
   --junitxml="$WORK/tests.xml"
 if [[ $DRY -eq 0 ]] && grep -q '<skipped' "$WORK/tests.xml"; then
   fail "stage 'tests': GPU tests were skipped on a machine with CUDA (reasons above)"

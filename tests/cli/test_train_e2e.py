@@ -77,6 +77,49 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch):
         assert torch.equal(value, resumed[key]), key
 
 
+def always_overflowing_scaler(precision, device):
+    """A loss scaler whose first scale overflows any fp16 gradient: every step is skipped and halves the scale, so
+    the scale counts the steps since the scaler was made (the weights do not move)."""
+    return torch.amp.GradScaler(device.type, init_scale=2.0**60, enabled=precision == "fp16")
+
+
+def train_rows(run_dir):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["split"] == "train"]
+
+
+def test_fp16_resume_continues_the_loss_scale(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_script, "grad_scaler", always_overflowing_scaler)
+    fp16 = {"run.precision": "fp16", "eval.num_dump": 0}
+    real = train_script.train_step
+
+    def crash_at_3(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if args[4].get_scale() == 2.0**57:  # after step 3, before its logging and the final checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return out
+
+    monkeypatch.setattr(train_script, "train_step", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.main(tiny_run(fp16, root=tmp_path, max_iter=3))
+    run = tmp_path / "runs" / "run"
+    assert read_checkpoint(str(run / "ckpt_00000002.pth"))["scaler"]["scale"] == 2.0**58
+    monkeypatch.setattr(train_script, "train_step", real)
+    train_script.main(tiny_run(fp16, root=tmp_path, max_iter=3))
+    assert [(r["iteration"], r["loss_scale"]) for r in train_rows(run)] == [(1, 2.0**59), (2, 2.0**58), (3, 2.0**57)]
+    assert read_checkpoint(str(run / "ckpt_00000003.pth"))["scaler"]["scale"] == 2.0**57
+
+
+def test_fp32_run_force_resumed_in_fp16_starts_a_fresh_loss_scale(tmp_path):
+    train_script.main(overrides(tmp_path, max_iter=2))
+    run = tmp_path / "runs" / "run"
+    assert "loss_scale" not in train_rows(run)[0]
+    assert read_checkpoint(str(run / "ckpt_00000002.pth"))["scaler"] == {}  # fp32: the scaler is off
+    train_script.main(overrides(tmp_path, max_iter=3) + ["run.precision=fp16", "--force-resume"])
+    assert "holds no loss-scaler state (saved without fp16): the fp16 loss scale starts afresh" in open(
+        run / "train.log").read()
+    assert train_rows(run)[-1]["iteration"] == 3 and train_rows(run)[-1]["loss_scale"] == 2.0**16
+
+
 def test_resume_refuses_a_different_config(tmp_path):
     train_script.main(overrides(tmp_path, max_iter=2))
     with pytest.raises(SystemExit, match="train.lr"):

@@ -87,5 +87,5 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
         assert row["headroom"] == pytest.approx(row["loader_img_per_s"] / row["step_img_per_s"])
     assert result["data"]["mapillary"]["measured"]["dataset"] == "mapillary"
     assert "data mapillary: 4 workers" in done.stdout
-    assert result["tests"]["tests"] == result["tests"]["skipped"] == 5  # without CUDA every GPU test skips
+    assert result["tests"]["tests"] == result["tests"]["skipped"] == 7  # without CUDA every GPU case skips
     assert {r["model"] for r in result["bench"]["train"]} == set(bench.PAIRS)
