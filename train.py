@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -77,6 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, FloatingPointError,
                    ValueError)
 PREEMPT_CHECK_STEPS = 10  # at most this many steps between two agreements on a preemption signal
+
+
+def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of the learning-rate schedule. The schedule follows the iterations, skipped fp16 steps included (as
+    the original's did), so torch's warning that a step came before any optimizer.step() is moot after an fp16 run's
+    first steps overflowed."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer")
+        scheduler.step()
 
 
 def seed_everything(seed: int) -> None:
@@ -324,8 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
 def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption) -> dict:
     seed_everything(cfg.train.seed + dist.rank)
     dump_dir = os.path.join(run_dir, cfg.eval.dump_dir)
-    warnings = prepare_output(run_dir, dump_dir, dist)
-    resume = resume_source(args, cfg, run_dir, dist, warnings)
+    notices = prepare_output(run_dir, dump_dir, dist)
+    resume = resume_source(args, cfg, run_dir, dist, notices)
 
     # Data. Each process loads data.batch_size images per batch; a step takes train.accum_steps batches.
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
@@ -354,7 +364,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
                     resume_iteration=resume[1]["state"]["iteration"] if resume else None)
     log.capture_modules()  # the data pipeline's warnings go to train.log and stderr too
-    for message in warnings:
+    for message in notices:
         log.warn(message)
     log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
              + (f"; this is rank {dist.rank}" if dist.distributed else ""))
@@ -394,7 +404,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         state.iteration += 1
         it = state.iteration
         if per_iter:
-            scheduler.step()
+            step_schedule(scheduler)
         scalars["lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
         epoch = batches.epoch
         epoch_ended = batches.step_done()
@@ -408,7 +418,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             progress.update(it, {**values, "epoch": epoch})
             log.scalars("train", it, values)
         if epoch_ended and not per_iter:
-            scheduler.step()  # the original's per-epoch poly step
+            step_schedule(scheduler)  # the original's per-epoch poly step
         val_epochs = cfg.train.val_epochs
         epoch_val = epoch_ended and val_epochs > 0 and batches.epoch % val_epochs == 0
         if it < max_iter and (epoch_val or (cfg.train.val_interval > 0 and it % cfg.train.val_interval == 0)):
