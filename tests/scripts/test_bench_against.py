@@ -88,4 +88,25 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
     assert result["data"]["mapillary"]["measured"]["dataset"] == "mapillary"
     assert "data mapillary: 4 workers" in done.stdout
     assert result["tests"]["tests"] == result["tests"]["skipped"] == 7  # without CUDA every GPU case skips
+    assert result["failed"] == [] and "gpu_check: OK" in done.stdout
+    assert {r["model"] for r in result["bench"]["train"]} == set(bench.PAIRS)
+
+
+@pytest.mark.slow
+def test_gpu_check_measures_on_after_failing_tests_then_fails(tmp_path):
+    # An interpreter whose pytest fails: the tests stage fails, the measurements are still taken and written.
+    wrapper = tmp_path / "python"
+    wrapper.write_text('#!/bin/sh\nif [ "$1 $2" = "-m pytest" ]; then echo "a GPU test failed (simulated)"; exit 1; fi\n'
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHON": str(wrapper)})
+    assert done.returncode == 1, done.stderr[-2000:]
+    failure = "stage 'tests' exited with 1 (its output is above)"
+    assert f"gpu_check: {failure}; the measurements go on" in done.stderr
+    assert done.stderr.rstrip().endswith(f"gpu_check: FAILED: {failure}; the measurements are in {out}")
+    result = json.loads(out.read_text())
+    assert result["failed"] == [failure] and result["tests"] is None
+    assert set(result["stage_seconds"]) == {"preflight", "tests", "bench", "data_cityscapes", "data_mapillary"}
     assert {r["model"] for r in result["bench"]["train"]} == set(bench.PAIRS)
