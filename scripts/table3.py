@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 import network
+from utils.checkpoint import atomic_write_text, checkpoint_paths
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, training_differences, to_dict, to_yaml
 
@@ -163,10 +164,7 @@ class State:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))
 
     def timed(self, name: str, seconds: float) -> None:
         load = os.getloadavg()
@@ -191,10 +189,7 @@ def read_rows(out: str) -> list[dict[str, Any]]:
 
 def write_json(path: str, value: Any) -> None:
     """Standard JSON (an IoU of a class absent from labels and predictions, NaN, is written null), atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_no_nan(value), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(_no_nan(value), indent=1))
 
 
 def _no_nan(value: Any) -> Any:
@@ -230,10 +225,10 @@ def run_logged(cmd: list[str], log_path: str, what: str) -> int:
 
 
 def write_config(cfg: Config, out: str, key: str) -> str:
+    """DIR/configs/KEY.yaml, atomically: the array tasks of table3.sbatch each write all three while the others'
+    train.py may be reading theirs."""
     path = os.path.join(out, "configs", f"{key}.yaml")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(to_yaml(cfg))
+    atomic_write_text(path, to_yaml(cfg))
     return path
 
 
@@ -256,8 +251,6 @@ def train_model(key: str, cfg: Config, out: str, state: State) -> None:
 
 
 def newest_checkpoint(run_dir: str) -> str:
-    from utils.checkpoint import checkpoint_paths  # noqa: PLC0415  (only the training stage needs it)
-
     found = checkpoint_paths(run_dir)
     if not found:
         raise CliError(f"{run_dir} holds no checkpoint after training")
