@@ -41,7 +41,7 @@ from datasets.cityscapes import label_map as cityscapes_label_map
 from datasets.folder import class_info
 from datasets.base import DataError
 from transforms import build_transforms
-from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
+from utils.checkpoint import CheckpointError, atomic_write_text, checkpoint_paths, load_checkpoint
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
 from utils.config import Config, ConfigError, to_dict
 from utils.engine import evaluate
@@ -295,8 +295,8 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
                                       metrics, sweep)
             log_images(log.writer, result.images)
             log.info(f"{len(result.images)} images dumped; results page {page}")
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({**summary, "written_by": "eval.py", "config": to_dict(cfg)}, f, indent=1)
+        atomic_write_text(os.path.join(out_dir, "results.json"),
+                          json.dumps({**summary, "written_by": "eval.py", "config": to_dict(cfg)}, indent=1))
     log.close()
     summary["out"] = out_dir
     return summary

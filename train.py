@@ -27,6 +27,7 @@ from datasets.base import DataError
 from loss import build_criterion
 from utils.checkpoint import (
     CheckpointError,
+    atomic_write_text,
     best_record,
     checkpoint_paths as checkpoint_files,
     latest_checkpoint,
@@ -441,8 +442,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         results = {"written_by": "train.py", "iteration": state.iteration, "scales": list(cfg.eval.scales),
                    "flip": cfg.eval.flip,
                    "best_miou": state.best_miou, "best_iteration": state.best_iteration, **metrics}
-        with open(os.path.join(dump_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(os.path.join(dump_dir, "results.json"), json.dumps(results, indent=1))
         log.info(f"last: mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}; best: mIoU "
                  f"{100 * state.best_miou:.2f} at iteration {state.best_iteration} "
                  f"({os.path.join(run_dir, 'best.pth')}); results in {dump_dir}")

@@ -6,6 +6,7 @@ TP / (row sum) (the original swaps the two: docs/differences.md).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from utils.checkpoint import atomic_write_text
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -159,17 +162,17 @@ def format_sweep(results: dict[str, Any], class_width: int = 6) -> str:
 
 
 def write_sweep(results: dict[str, Any], json_path: str, csv_path: str) -> None:
-    """The sweep as JSON (everything) and CSV (one row per combination, IoU and gain per class)."""
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1)
+    """The sweep as JSON (everything) and CSV (one row per combination, IoU and gain per class), each atomically."""
+    atomic_write_text(json_path, json.dumps(results, indent=1))
     names = results["classes"]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["scales", "fusion", "flip", "miou", "miou_gain"] + [f"iou_{n}" for n in names]
-                   + [f"gain_{n}" for n in names])
-        for r in results["rows"]:
-            w.writerow([" ".join(f"{s:g}" for s in sorted(r["scales"])), r["fusion"], int(r["flip"]), r["miou"],
-                        r["miou_gain"]] + r["iou"] + r["gain"])
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["scales", "fusion", "flip", "miou", "miou_gain"] + [f"iou_{n}" for n in names]
+               + [f"gain_{n}" for n in names])
+    for r in results["rows"]:
+        w.writerow([" ".join(f"{s:g}" for s in sorted(r["scales"])), r["fusion"], int(r["flip"]), r["miou"],
+                    r["miou_gain"]] + r["iou"] + r["gain"])
+    atomic_write_text(csv_path, table.getvalue())
 
 
 def _abbrev(name: str, width: int) -> str:
