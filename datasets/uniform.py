@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from utils.checkpoint import atomic_write_text
 from utils.log import Progress
 
 
@@ -150,11 +151,9 @@ def load_or_compute(
             centroids = compute_centroids(dataset, indices, num_classes, tile, workers, snap=snap)
             log.info("centroids (%s) of %d images (tile %d) in %.1fs -> %s", mode, len(paths), tile,
                      time.time() - start, path)
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "name": name, "tile": tile, "centroids_mode": mode, "num_images": len(paths),
-                           "centroids": {str(c): v for c, v in centroids.items()}}, f)
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps({"key": key, "name": name, "tile": tile, "centroids_mode": mode,
+                                                "num_images": len(paths),
+                                                "centroids": {str(c): v for c, v in centroids.items()}}))
             return centroids, path
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

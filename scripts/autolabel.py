@@ -57,7 +57,7 @@ from datasets.cityscapes import IMAGE_SUFFIX, find_extra_layout
 from datasets.custom import read_class_list
 from datasets.folder import class_source
 from transforms import build_transforms
-from utils.checkpoint import checkpoint_paths, load_checkpoint
+from utils.checkpoint import atomic_write_text, checkpoint_paths, load_checkpoint
 from utils.cli import CliError, debug_enabled, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, load_yaml_values, to_dict, to_yaml
 from utils.engine import evaluate
@@ -192,11 +192,7 @@ def read_json(path: str) -> dict | None:
 
 
 def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def finished(folder: str, h: str) -> dict | None:

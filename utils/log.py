@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from utils.checkpoint import atomic_write_text
+
 
 class Progress:
     """One progress line: a bar, done/total, optional values, rate and ETA (the training log, video frames,
@@ -199,7 +201,4 @@ def _drop_rows_after(path: str, iteration: int) -> None:
         if int(row.get("iteration", 0)) <= iteration:
             keep.append(line if line.endswith("\n") else line + "\n")
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(keep))

@@ -19,6 +19,7 @@ would hold, and a loose one would also pass a skipped step's zero update.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +32,7 @@ from loss import build_criterion
 from train import build_optimizer
 from utils.config import LossConfig, load_config
 from utils.engine import train_step
-from utils.runtime.precision import grad_scaler
+from utils.runtime.precision import autocast, grad_scaler
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")])
@@ -116,24 +117,21 @@ def train(precision: str, device: torch.device, steps: int = STEPS) -> tuple[lis
     return losses, skipped
 
 
-@pytest.fixture(scope="module")
-def fp32_runs() -> dict[str, list[float]]:
-    return {}
-
-
-def fp32_losses(device: torch.device, cache: dict[str, list[float]]) -> list[float]:
-    if device.type not in cache:
-        with true_fp32(device):
-            cache[device.type], skipped = train(precision="fp32", device=device)
-        assert skipped == 0
-    return cache[device.type]
+@functools.cache
+def fp32_losses(device_type: str) -> list[float]:
+    """The fp32 reference of `train`, once per device type for both low precisions."""
+    device = torch.device(device_type)
+    with true_fp32(device):
+        losses, skipped = train(precision="fp32", device=device)
+    assert skipped == 0
+    return losses
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_training_follows_fp32(device, precision, fp32_runs):
+def test_low_precision_training_follows_fp32(device, precision):
+    ref = fp32_losses(device)
     device = torch.device(device)
-    ref = fp32_losses(device, fp32_runs)
     losses, skipped = train(precision, device)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert abs(losses[0] - ref[0]) <= UNIT[precision] * ref[0], (precision, losses[0], ref[0])
@@ -192,7 +190,7 @@ def test_a_skipped_fp16_step_leaves_the_optimizer_as_it_was(device):
         scaler = grad_scaler("fp16", device)
         for factor in ((1e30, 1.0) if name == "train.py" else (1.0,)):
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16):
+            with autocast("fp16", device):
                 y = model(x)
             scaler.scale(y.float().square().mean() * factor).backward()  # x1e30: the fp16 gradients overflow
             scaler.step(opt)
