@@ -41,10 +41,11 @@ from datasets.cityscapes import label_map as cityscapes_label_map
 from datasets.folder import class_info
 from datasets.base import DataError
 from transforms import build_transforms
-from utils.checkpoint import CheckpointError, atomic_write_text, checkpoint_paths, load_checkpoint
+from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
 from utils.config import Config, ConfigError, to_dict
 from utils.engine import evaluate
+from utils.files import atomic_write_text
 from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
 from utils.evaluation.metrics import (
     compute_metrics,

@@ -27,7 +27,6 @@ from datasets.base import DataError
 from loss import build_criterion
 from utils.checkpoint import (
     CheckpointError,
-    atomic_write_text,
     best_record,
     checkpoint_paths as checkpoint_files,
     latest_checkpoint,
@@ -44,6 +43,7 @@ from utils.checkpoint import (
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
 from utils.config import Config, ConfigError, to_dict, to_yaml, training_differences
 from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
+from utils.files import atomic_write_text
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
 from utils.inference.memory import check_train_memory

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.checkpoint import atomic_write_text
+from utils.files import atomic_write_text
 from utils.log import Progress
 
 

@@ -15,8 +15,9 @@ scratch file, are not the project), except that utils/ counts as one node per su
 inside functions (a deferred import is still a dependency).
 
 Layering, bottom to top. A node may import nodes of its own layer or of lower layers, never of a higher one:
-  0 foundation    utils (the package itself), utils.config, utils.log, utils.runtime: the schema, logging, process
-                  groups, precision and preemption; they know nothing of models or data
+  0 foundation    utils (the package itself), utils.config, utils.files, utils.log, utils.runtime: the schema,
+                  atomic file writes, logging, process groups, precision and preemption; they know nothing of
+                  models or data
   1 components    network, loss, transforms: models, losses, transforms (they may read the config's dataclasses)
   2 data          datasets: data sources, samplers, loaders (built with transforms)
   3 outputs       utils.checkpoint, utils.evaluation: checkpoints, metrics tables, dumps, pictures, results page
@@ -37,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("utils", "utils.config", "utils.log", "utils.runtime")),
+    ("foundation", ("utils", "utils.config", "utils.files", "utils.log", "utils.runtime")),
     ("components", ("network", "loss", "transforms")),
     ("data", ("datasets",)),
     ("outputs", ("utils.checkpoint", "utils.evaluation")),

@@ -57,10 +57,11 @@ from datasets.cityscapes import IMAGE_SUFFIX, find_extra_layout
 from datasets.custom import read_class_list
 from datasets.folder import class_source
 from transforms import build_transforms
-from utils.checkpoint import atomic_write_text, checkpoint_paths, load_checkpoint
+from utils.checkpoint import checkpoint_paths, load_checkpoint
 from utils.cli import CliError, debug_enabled, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, load_yaml_values, to_dict, to_yaml
 from utils.engine import evaluate
+from utils.files import atomic_write_text
 from utils.evaluation.autolabel_page import ThresholdStats, sample_pictures, write_autolabel_page, write_pictures
 from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
 from utils.inference import Inference

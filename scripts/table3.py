@@ -44,9 +44,10 @@ from typing import Any
 import torch
 
 import network
-from utils.checkpoint import atomic_write_text, checkpoint_paths
+from utils.checkpoint import checkpoint_paths
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, training_differences, to_dict, to_yaml
+from utils.files import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("single", "explicit", "hierarchical")

@@ -13,15 +13,15 @@ import os
 import pickle
 import random
 import re
-import secrets
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from utils.files import atomic_write
 
 # Renames from the original's key layout to ours (prefix -> prefix). Our modules are named after the original's,
 # so only wrapper prefixes need handling.
@@ -44,36 +44,10 @@ def atomic_save(obj: Any, path: str) -> None:
     A failed write (e.g. a full disk) removes the temporary file, leaves any existing `path` as it was, and raises
     OSError naming `path`.
     """
-    _atomic_write(path, lambda f: torch.save(obj, f), "xb", TMP_PREFIX, TMP_SUFFIX)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """`text` into `path` as atomic_save writes a checkpoint. The temporary file's name is unique, so processes that
-    write the same file at once (SLURM array tasks) never rename each other's half-written file; the last rename
-    wins, and a reader sees one whole version."""
-    name = os.path.basename(path)
-    _atomic_write(path, lambda f: f.write(text), "x", f".{name}.", ".tmp")
-
-
-def _atomic_write(path: str, write: Callable[[IO], Any], mode: str, prefix: str, suffix: str) -> None:
-    """`write` into a new temporary file (`mode` "x"/"xb": created, never reused) named uniquely by process and a
-    random token, fsync, then rename over `path`. Unlike mkstemp's private 0600 files, the file gets the umask's
-    permissions, as a plain open would give `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{prefix}{os.getpid()}_{secrets.token_hex(4)}{suffix}")
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, os.strerror(e.errno), path) from e
-        if isinstance(e, RuntimeError) and "No space left" in str(e):  # torch's zip writer wraps the OSError
+        atomic_write(path, lambda f: torch.save(obj, f), True, TMP_PREFIX, TMP_SUFFIX)
+    except RuntimeError as e:
+        if "No space left" in str(e):  # torch's zip writer wraps the OSError
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
         raise
 

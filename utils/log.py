@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from utils.checkpoint import atomic_write_text
+from utils.files import atomic_write_text
 
 
 class Progress:

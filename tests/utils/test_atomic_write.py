@@ -1,4 +1,4 @@
-"""utils.checkpoint's atomic writes: whole versions only, unique temporary files, nothing left behind."""
+"""utils.files' atomic writes (and atomic_save's use of them): whole versions only, unique temporary files, nothing left behind."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from utils.checkpoint import atomic_save, atomic_write_text, read_checkpoint
+from utils.checkpoint import atomic_save, read_checkpoint
+from utils.files import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,7 +56,7 @@ def test_concurrent_writers_and_a_reader_see_whole_versions(tmp_path):
     writer = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
-        from utils.checkpoint import atomic_write_text
+        from utils.files import atomic_write_text
         for _ in range(300):
             atomic_write_text({str(path)!r}, sys.argv[1] * 5000)
     """)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.checkpoint import atomic_write_text
+from utils.files import atomic_write_text
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
