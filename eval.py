@@ -36,6 +36,7 @@ from torch.utils.data import Subset
 
 import network
 from datasets import build_dataset, build_loader
+from datasets.agree import agree_on_samples
 from datasets.cityscapes import CLASSES as CITYSCAPES_CLASSES
 from datasets.cityscapes import label_map as cityscapes_label_map
 from datasets.folder import class_info
@@ -59,7 +60,7 @@ from utils.evaluation.results_page import write_results_page
 from utils.inference import Inference, has_attention
 from utils.inference.video import VideoReader, annotate_video
 from utils.log import Progress, RunLogger
-from utils.runtime.dist import DistConfigError, DistributedError, barrier, broadcast_object, cleanup
+from utils.runtime.dist import DistConfigError, DistributedError, all_gather_objects, barrier, broadcast_object, cleanup
 from utils.runtime.layout import place_model
 
 TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
@@ -152,8 +153,11 @@ def read_dataset(cfg: Config, args: argparse.Namespace):
     if args.video is not None:
         return class_info(cfg.data.custom.classes)
     if args.folder is None:
-        return build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
-    return build_dataset(replace(cfg.data, dataset="folder", root=args.folder), "folder", train=False)
+        dataset = build_dataset(cfg.data, args.split or cfg.data.val_split, train=False)
+    else:
+        dataset = build_dataset(replace(cfg.data, dataset="folder", root=args.folder), "folder", train=False)
+    agree_on_samples(dataset, all_gather_objects)  # every rank evaluates its share of one list
+    return dataset
 
 
 def pending(dataset, writer: LabelIdWriter):

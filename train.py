@@ -23,10 +23,15 @@ import torch
 import network
 from network.layers import sync_batchnorm
 from datasets import build_dataset, build_loader
+from datasets.agree import agree_on_samples
 from datasets.base import DataError
 from loss import build_criterion
 from utils.checkpoint import (
+    LAYOUT_KEYS,
+    BatchLayout,
     CheckpointError,
+    layout_refusal,
+    saved_layout,
     best_record,
     checkpoint_paths as checkpoint_files,
     latest_checkpoint,
@@ -42,7 +47,7 @@ from utils.checkpoint import (
 )
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
 from utils.config import Config, ConfigError, to_dict, to_yaml, training_differences
-from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, train_step
+from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, reduce_scalars, train_step
 from utils.files import atomic_write_text
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
@@ -110,6 +115,15 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """torch's load_state_dict restores each group's options, the kernel choice (fused, foreach) among them: a CUDA
+    run resumed from a CPU checkpoint would keep the CPU's kernel. The choice build_optimizer made here stays."""
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, chosen in zip(optimizer.param_groups, kernels):
+        group.update(chosen)
+
+
 def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: DistInfo,
                   log_warn: list[str]) -> tuple[str, dict] | None:
     """The checkpoint to resume from, after checking that its config matches this command's.
@@ -140,6 +154,12 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
     differ = training_differences(ckpt["config"], cfg) if isinstance(ckpt.get("config"), dict) else []
+    now = BatchLayout(cfg.data.batch_size, cfg.train.accum_steps, dist.world_size)
+    refusal = layout_refusal(path, saved_layout(ckpt), now)
+    if refusal is None:  # another split of the same global batch: the same run
+        differ = [d for d in differ if not d.startswith(LAYOUT_KEYS)]
+    elif not args.force_resume:
+        raise CliError(refusal)
     if differ and not args.force_resume:
         raise CliError(
             f"refusing to resume {path}: training settings differ from the run's: " + "; ".join(differ)
@@ -159,7 +179,10 @@ def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo,
             # saved by a run without loss scaling (fp32/bf16), resumed in fp16 with --force-resume
             log.warn(f"{path} holds no loss-scaler state (saved without fp16): the fp16 loss scale starts afresh")
             continue
-        part.load_state_dict(ckpt[key])
+        if key == "optimizer":
+            load_optimizer_state(part, ckpt[key])
+        else:
+            part.load_state_dict(ckpt[key])
     state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
     restore_rng(ckpt, cfg, dist, log)
     log.info(f"resumed from {path} at iteration {state.iteration}")
@@ -175,12 +198,14 @@ def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo,
 def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
     """Each rank continues its own random streams; a run resumed on another process count cannot."""
     saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-    if len(saved) == dist.world_size:
+    if len(saved) != dist.world_size:
+        log.info(f"resumed on {dist.world_size} process(es) from a checkpoint of {len(saved)}: the samples continue "
+                 "in the same order (augmentation is seeded per sample); ranks below "
+                 f"{min(len(saved), dist.world_size)} continue their random streams, others start new ones")
+    if dist.rank < len(saved):
         set_rng_state(saved[dist.rank])
-        return
-    log.warn(f"the checkpoint holds the random streams of {len(saved)} process(es), this run has "
-             f"{dist.world_size}: streams reseeded, so the run does not continue bit-identically")
-    seed_everything(cfg.train.seed + dist.rank + 100003 * ckpt["state"]["iteration"])
+    else:
+        seed_everything(cfg.train.seed + dist.rank + 100003 * ckpt["state"]["iteration"])
 
 
 def prepare_output(run_dir: str, dump_dir: str, dist: DistInfo) -> list[str]:
@@ -252,7 +277,7 @@ class Training:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "state": {**vars(self.state), **self.batches.state_dict()},
+            "state": {**vars(self.state), **self.batches.state_dict(), "world_size": self.dist.world_size},
             "rng": rngs,  # one entry per rank
         }
 
@@ -309,6 +334,22 @@ def validate(run: Training, v: Validation, preempt: Preemption, final: bool) -> 
     return metrics
 
 
+MIN_LOSS_SCALE = 1.0  # fp16: a scale halved below this by step after step means the loss itself diverged
+
+
+def check_finite(values: dict[str, float], bad: int, it: int, world: int, log: RunLogger) -> None:
+    """A logging step whose loss was not finite on `bad` of `world` ranks (the same answer on every rank). Under
+    fp16 the loss scaler skipped that step on every rank (DDP shared the overflowed gradients): logged, not fatal,
+    until the scale collapses. Otherwise every rank stops."""
+    where = f"iteration {it} on {bad} of {world} process(es)"
+    scale = values.get("loss_scale")
+    if scale is not None and scale >= MIN_LOSS_SCALE:
+        log.warn(f"non-finite loss at {where}: the fp16 loss scaler skipped the step (scale now {scale:g})")
+        return
+    raise FloatingPointError(f"non-finite loss at {where}: {values} (lower train.lr, or use run.precision=fp32; "
+                             "the last checkpoint is kept)")
+
+
 def stop_for_preemption(run: Training, max_iter: int) -> None:
     """Checkpoint (unless this iteration has one), then leave with the requeue exit code, all ranks together."""
     if run.saved_at != run.state.iteration:
@@ -341,6 +382,8 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     # Data. Each process loads data.batch_size images per batch; a step takes train.accum_steps batches.
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    for dataset in (train_set, val_set):  # one sample list on every rank, or one line naming the file
+        agree_on_samples(dataset, all_gather_objects)
     train_loader = build_loader(train_set, cfg.data, True, dist.rank, dist.world_size, cfg.train.seed)
     val_loader = build_loader(val_set, cfg.data, False, dist.rank, dist.world_size, cfg.train.seed)
     num_classes, ignore = train_set.num_classes, train_set.ignore_index
@@ -371,12 +414,15 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
              + (f"; this is rank {dist.rank}" if dist.distributed else ""))
     for report in reports:
         log.info(report)
-    net, model = place_model(net, cfg, dist)
-    fits = check_train_memory(cfg, num_classes, dist.device, ignore)  # refuses a step that cannot fit, now
+    criterion = build_criterion(cfg.loss, num_classes, ignore)
+    # Refuses a step that cannot fit, now; before placement and DDP, whose memory it predicts itself.
+    fits = check_train_memory(cfg, dist.device, lambda: network.build_model(cfg.model.name, num_classes,
+                                                                            **cfg.model.options),
+                              lambda m: build_optimizer(cfg, m), criterion, dist.world_size)
     if fits:
         log.info(fits)
+    net, model = place_model(net, cfg, dist)
 
-    criterion = build_criterion(cfg.loss, num_classes, ignore)
     inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
     inference.combo(net)  # a scale set or fusion this model cannot evaluate fails now, not after training
     optimizer = build_optimizer(cfg, net)
@@ -410,12 +456,11 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         epoch = batches.epoch
         epoch_ended = batches.step_done()
         if it % cfg.train.log_interval == 0 or it == max_iter:
-            values = {k: float(v) for k, v in scalars.items()}  # the host synchronisation, at logging steps only
+            values, bad = reduce_scalars(scalars, dist.world_size)  # the mean over ranks, as the original logged
             if scaler.is_enabled():  # fp16: halved at each step whose gradients overflowed (a skipped step)
                 values["loss_scale"] = scaler.get_scale()
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {it}: {values} (lower train.lr, or use "
-                                         f"run.precision=fp32; the last checkpoint is kept)")
+            if bad:
+                check_finite(values, bad, it, dist.world_size, log)
             progress.update(it, {**values, "epoch": epoch})
             log.scalars("train", it, values)
         if epoch_ended and not per_iter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 from typing import Callable, Iterator
 
 import cv2
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from transforms import build_transforms
+from utils.runtime.preempt import DEFAULT_SIGNALS as STOP_SIGNALS
 
 from .base import DataError, DataNotFoundError, SampleRef, SegmentationDataset
 from .cityscapes import CityscapesDataset, CoarseOptions
@@ -148,6 +150,14 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)
+    # The stop signals are the main process's to act on (utils/runtime/preempt.py), but SLURM sends them to every
+    # process of the step, and torch's SIGTERM handler in a worker re-raises one not sent by the parent: the worker
+    # would die and the main process fail ("DataLoader worker ... killed by signal") before its checkpoint. Ignored,
+    # a worker still ends when the main process stops it or dies (torch's watchdog), and SIGKILL still ends it.
+    # A signal that came while the worker started waits blocked (Loader.__iter__), and setting SIG_IGN drops it.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -197,7 +207,14 @@ class Loader(DataLoader):
     """DataLoader whose iterators raise a worker's DataError as the main process would have (see _Batches)."""
 
     def __iter__(self) -> _Batches:
-        return _Batches(super().__iter__())
+        # Workers are forked here (the first time, with persistent workers) and inherit this signal mask: a stop
+        # signal sent to the whole step stays pending in a new worker until _seed_worker ignores it, instead of
+        # reaching torch's handler, which kills the worker. The main process gets its own once unblocked.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return _Batches(super().__iter__())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def build_loader(
@@ -219,7 +236,7 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed * 1009 + rank * 7 + (0 if train else 1)),
     )
     if train:
-        sampler = TrainSampler(dataset, seed=seed, rank=rank, world_size=world_size)
+        sampler = TrainSampler(dataset, seed=seed, rank=rank, world_size=world_size, batch_size=cfg.batch_size)
         if len(sampler) < cfg.batch_size:
             raise ValueError(f"{dataset!r} gives {len(sampler)} images per process, fewer than data.batch_size="
                              f"{cfg.batch_size}: no full batch can be formed")

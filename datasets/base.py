@@ -184,7 +184,7 @@ class SegmentationDataset(Dataset):
         self.classes = classes
         self.label_map = label_map
         self.transform = transform
-        self.skip_bad = skip_bad  # log and replace unreadable samples instead of stopping
+        self.skip_bad = skip_bad  # drop (data.verify) or replace (while loading) unreadable samples, not stop
         self.description = description
         self.num_classes = classes.num_classes
         self.ignore_index = classes.ignore_index
@@ -193,6 +193,10 @@ class SegmentationDataset(Dataset):
         self.palette_masks = False  # masks are palette PNGs holding indices: read them with PIL directly
         self.num_main = len(self.samples)  # samples past this (coarse data) are used only while extra_active()
         self.uniform = None  # datasets.uniform.ClassUniform when class-uniform sampling is on
+        # The list as found on disk (None while nothing is dropped) and its dropped entries, listing index -> why:
+        # what datasets.agree compares between ranks, since each rank drops the files it cannot read.
+        self.listing: list[Sample] | None = None
+        self.dropped: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -236,6 +240,36 @@ class SegmentationDataset(Dataset):
         centroids, _ = load_or_compute(self, range(self.num_main), self.num_classes, tile, self.description,
                                        cache_dir, workers=workers, snap=snap)
         self.uniform = ClassUniform(centroids, self.num_classes, pct, self.num_main, share)
+
+    def listed(self) -> list[Sample]:
+        """The samples as listed, before any was dropped."""
+        return self.samples if self.listing is None else self.listing
+
+    def listing_indices(self) -> list[int]:
+        """The listing index of each current sample."""
+        return [i for i in range(len(self.listed())) if i not in self.dropped]
+
+    def drop_samples(self, problems: dict[int, str]) -> None:
+        """Remove samples (current index -> why) from the list, and from everything indexed by it: num_main,
+        the class-uniform centroids, the autolabel table. Indices after a dropped sample move down."""
+        if not problems:
+            return
+        origin = self.listing_indices()
+        if self.listing is None:
+            self.listing = list(self.samples)
+        for index, why in problems.items():
+            self.dropped[origin[index]] = why
+        new_index = np.full(len(self.samples), -1, np.int64)  # old index -> new one (-1: dropped)
+        keep = [i for i in range(len(self.samples)) if i not in problems]
+        new_index[keep] = np.arange(len(keep))
+        self.samples = [self.samples[i] for i in keep]
+        self.num_main = int(np.count_nonzero(new_index[: self.num_main] >= 0))
+        # CoarseDataset's autolabel files (datasets/cityscapes.py) are keyed by sample index too.
+        autolabel = getattr(self, "autolabel", None)
+        if autolabel:
+            self.autolabel = {int(new_index[i]): v for i, v in autolabel.items() if new_index[i] >= 0}
+        if self.uniform is not None:
+            self.uniform = self.uniform.reindexed(new_index, self.num_main)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Raw RGB image and train-id mask (uint8, or None when unlabelled), before any transform."""

@@ -21,18 +21,17 @@ a file it did not write, one changed since, a link, or a folder of its own. Noth
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
-from typing import Iterator
 
 import cv2
 import numpy as np
+
+from utils.files import file_lock
 
 from .base import DataError
 
@@ -275,19 +274,6 @@ def read_marker(root: str) -> dict | None:
         return None
 
 
-@contextmanager
-def _lock(root: str) -> Iterator[None]:
-    """Serialise generation of the same root between processes (e.g. the ranks of one node)."""
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    with open(os.path.abspath(root) + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -428,7 +414,8 @@ def generate_synthetic_cityscapes(
     params = _params(num_train, num_val, height, width, seed, num_extra)
     if _matches(read_marker(root), params):
         return root
-    with _lock(root):
+    # Serialise generation of one root between processes (e.g. the ranks of one node).
+    with file_lock(os.path.abspath(root) + ".lock"):
         if _matches(read_marker(root), params):
             return root
         if os.path.exists(root) and not os.path.isdir(root):

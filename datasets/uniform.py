@@ -16,7 +16,6 @@ Each epoch, with n main images and K classes (data.class_uniform.share):
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils.files import atomic_write_text
+from utils.files import atomic_write_text, file_lock
 from utils.log import Progress
 
 
@@ -139,24 +138,20 @@ def load_or_compute(
     key = cache_key(name, paths, num_classes, tile, f"centroids={mode}|{extra}")
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     path = os.path.join(cache_dir, f"{safe}_tile{tile}_{mode}_{key}.json")
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if os.path.isfile(path):
-                with open(path) as f:
-                    data = json.load(f)
-                if data.get("key") == key and data.get("num_images") == len(paths):
-                    return {int(c): v for c, v in data["centroids"].items()}, path
-            start = time.time()
-            centroids = compute_centroids(dataset, indices, num_classes, tile, workers, snap=snap)
-            log.info("centroids (%s) of %d images (tile %d) in %.1fs -> %s", mode, len(paths), tile,
-                     time.time() - start, path)
-            atomic_write_text(path, json.dumps({"key": key, "name": name, "tile": tile, "centroids_mode": mode,
-                                                "num_images": len(paths),
-                                                "centroids": {str(c): v for c, v in centroids.items()}}))
-            return centroids, path
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(path + ".lock"):
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("key") == key and data.get("num_images") == len(paths):
+                return {int(c): v for c, v in data["centroids"].items()}, path
+        start = time.time()
+        centroids = compute_centroids(dataset, indices, num_classes, tile, workers, snap=snap)
+        log.info("centroids (%s) of %d images (tile %d) in %.1fs -> %s", mode, len(paths), tile,
+                 time.time() - start, path)
+        atomic_write_text(path, json.dumps({"key": key, "name": name, "tile": tile, "centroids_mode": mode,
+                                            "num_images": len(paths),
+                                            "centroids": {str(c): v for c, v in centroids.items()}}))
+        return centroids, path
 
 
 SHARES = ("all_classes", "present_classes")
@@ -199,6 +194,17 @@ class ClassUniform:
     def __repr__(self) -> str:
         sizes = {c: len(v) for c, v in self.centroids.items()}
         return f"ClassUniform(pct={self.pct}, share={self.share}, centroids per class={sizes})"
+
+    def reindexed(self, new_index: np.ndarray, num_main: int) -> "ClassUniform":
+        """The same sampling after images were dropped from the dataset: `new_index[old image index]` is the new
+        index, -1 for a dropped image, whose centroids go."""
+        centroids = {}
+        for c, rows in self.centroids.items():
+            moved = new_index[rows[:, 0]]
+            kept = rows[moved >= 0].copy()
+            kept[:, 0] = moved[moved >= 0]
+            centroids[c] = kept.tolist()
+        return ClassUniform(centroids, self.num_classes, self.pct, num_main, self.share)
 
     def pool(self, c: int, include_extra: bool) -> np.ndarray:
         rows = self.centroids[c]

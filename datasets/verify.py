@@ -69,12 +69,18 @@ def _as_is(item: tuple[str, str] | None) -> tuple[str, str] | None:
     return item
 
 
-def find_bad_files(dataset: SegmentationDataset, workers: int = 0) -> list[tuple[str, str]]:
-    """(file, problem) of every unusable sample of `dataset`, in sample order; `workers` processes (0: inline)."""
+def find_bad_samples(dataset: SegmentationDataset, workers: int = 0) -> dict[int, tuple[str, str]]:
+    """{sample index: (file, problem)} of every unusable sample of `dataset`, in sample order; `workers`
+    processes (0: inline)."""
     if workers > 0:
         cv2.setNumThreads(0)  # OpenCV's thread pool is not fork-safe (see datasets.build_loader)
     loader = DataLoader(_Checks(dataset), batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is)
-    return [found for found in loader if found is not None]
+    return {index: found for index, found in enumerate(loader) if found is not None}
+
+
+def find_bad_files(dataset: SegmentationDataset, workers: int = 0) -> list[tuple[str, str]]:
+    """(file, problem) of every unusable sample of `dataset`, in sample order; `workers` processes (0: inline)."""
+    return list(find_bad_samples(dataset, workers).values())
 
 
 def problem_line(file: str, problem: str) -> str:
@@ -86,17 +92,25 @@ def problem_line(file: str, problem: str) -> str:
 def verify_dataset(dataset: SegmentationDataset, workers: int = 0, skip_bad: bool = False) -> list[tuple[str, str]]:
     """Decode every image and mask of `dataset` (data.verify=true); returns the (file, problem) pairs found.
 
-    Any bad file raises DataError listing them, one line each, unless `skip_bad` (data.skip_bad=true: training
-    skips them), in which case each is logged as a warning.
+    Any bad file raises DataError listing them, one line each, unless `skip_bad` (data.skip_bad=true), in which
+    case each is logged as a warning and its sample dropped from the dataset: skipped, not replaced by another, so
+    that an evaluation counts every image once. Ranks decide this each for itself: datasets.agree makes them agree.
     """
-    bad = find_bad_files(dataset, workers)
+    found = find_bad_samples(dataset, workers)
+    bad = list(found.values())
     total = len(dataset.samples)
     if not bad:
         log.info("data.verify: %d samples of %s decode, masks match their images", total, dataset.description)
         return bad
     if skip_bad:
+        if len(bad) == total:
+            raise DataError(f"data.verify: all {total} samples of {dataset.description} have unusable files, e.g. "
+                            f"{problem_line(*bad[0])}; check data.root")
         for file, problem in bad:
             log.warning("data.verify: %s (skipped: data.skip_bad=true)", problem_line(file, problem))
+        dataset.drop_samples({index: problem_line(*pair) for index, pair in found.items()})
+        log.warning("data.verify: %d of %d samples of %s skipped (data.skip_bad=true), %d left", len(bad), total,
+                    dataset.description, len(dataset.samples))
         return bad
     lines = [problem_line(file, problem) for file, problem in bad[:SHOWN]]
     if len(bad) > SHOWN:

@@ -3,8 +3,9 @@
 Prints the predicted peak of one evaluation call on one val image under every schedule (the unconstrained one,
 the exact ones that hold less, and the approximate ones when eval.memory_fallback=any), whether each fits the
 budget (eval.memory_budget, else the free memory of the CUDA device when there is one), and the peak of one
-training step (data.batch_size, the crop, run.precision, run.channels_last). The model runs on fake tensors
-(shapes only), so the full-width HRNet-OCR recipes take seconds to a minute on a CPU.
+training step (data.batch_size, the crop, run.precision, run.channels_last; on CUDA with the allowances for the
+cuDNN workspace and the CUDA context, and with --world-size N > 1 for DDP's gradient buckets and NCCL's buffers).
+The model runs on fake tensors (shapes only), so the full-width HRNet-OCR recipes take seconds to a minute on a CPU.
 With --json: one JSON object with eval_peak_bytes (unconstrained), eval_min_bytes (the smallest exact
 schedule), train_peak_bytes and the table's rows.
 """
@@ -18,11 +19,14 @@ import argparse
 import json
 import math
 import sys
+from functools import partial
 from typing import Any
 
 import torch
 
 import network
+from loss import build_criterion
+from train import build_optimizer
 from utils.cli import CliError, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config
 from utils.inference import Inference
@@ -48,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--size", default=None, help="val image HxW (default: the dataset's, or data.eval_size at 4:3)")
     p.add_argument("--device", default=None, help="device to plan for (default: cuda when present, else cpu)")
+    p.add_argument("--world-size", type=int, default=1, help="training processes (DDP) to plan the step for")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p.parse_intermixed_args(argv)
 
@@ -75,10 +80,14 @@ def num_classes(cfg: Config) -> int:
     return CLASS_COUNTS.get(cfg.data.dataset, 19)
 
 
-def plan(cfg: Config, size: tuple[int, int], device: torch.device) -> dict[str, Any]:
+def plan(cfg: Config, size: tuple[int, int], device: torch.device, world_size: int = 1) -> dict[str, Any]:
     classes = num_classes(cfg)
+
+    def build_model() -> torch.nn.Module:
+        return network.build_model(cfg.model.name, classes, **cfg.model.options)
+
     with _fake_mode():  # the weights only as shapes: a full-width model costs no memory and no init time
-        model = network.build_model(cfg.model.name, classes, **cfg.model.options).eval()
+        model = build_model().eval()
     how = Inference.from_config(cfg)
     setting = how.combo(model)
     combos = [setting] + [c for c in how.sweep(model) if c != setting]
@@ -87,9 +96,9 @@ def plan(cfg: Config, size: tuple[int, int], device: torch.device) -> dict[str, 
     resident = tensor_bytes(model) + 3 * size[0] * size[1] * 4
     budget = device_budget(device, parse_bytes(cfg.eval.memory_budget), resident)
     eval_plan = plan_eval(model, shape, combos, how, device, keep, labelled=True, budget=budget, every=True)
-    crop = tuple(int(c) for c in cfg.data.augment.crop_size)
-    step = TrainStep(cfg.data.batch_size, (crop[0], crop[-1]), cfg.run.precision, cfg.run.channels_last)
-    train_peak = predict_train_peak(cfg, classes, step)
+    step = TrainStep.from_config(cfg)
+    train_peak = predict_train_peak(build_model, partial(build_optimizer, cfg), build_criterion(cfg.loss, classes, 255),
+                                    step, device, world_size)
     exact = [r for r in eval_plan.rows if r.exact]
     return {
         "model": cfg.model.name, "device": str(device), "budget_bytes": budget,
@@ -98,7 +107,7 @@ def plan(cfg: Config, size: tuple[int, int], device: torch.device) -> dict[str, 
         "chosen": None if eval_plan.chosen is None else eval_plan.chosen.schedule.label,
         "schedules": [{"schedule": r.schedule.label, "exact": r.exact, "peak_bytes": r.peak,
                        "fits": None if budget is None else r.peak <= budget} for r in eval_plan.rows],
-        "train_step": step.label, "train_peak_bytes": train_peak,
+        "train_step": step.label, "world_size": world_size, "train_peak_bytes": train_peak,
         "train_fits": None if budget is None else train_peak <= budget,
         "_table": eval_plan.table(),
     }
@@ -109,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with one_line_errors(args.debug, (ConfigError, ValueError)):
         cfg = load_config(args.config, args.overrides)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        result = plan(cfg, eval_size(cfg, args.size), device)
+        if args.world_size < 1:
+            raise CliError(f"--world-size: expected at least 1, got {args.world_size}")
+        result = plan(cfg, eval_size(cfg, args.size), device, args.world_size)
     table = result.pop("_table")
     if args.json:
         print(json.dumps(result))
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table)
     print(f"chosen: {result['chosen'] or 'none fits (evaluation would stop before the first image)'}")
     fits = "" if result["train_fits"] is None else (" (fits)" if result["train_fits"] else " (does NOT fit)")
-    print(f"training step ({result['train_step']}): {format_bytes(result['train_peak_bytes'])}{fits}")
+    procs = f", {result['world_size']} processes" if result["world_size"] > 1 else ""
+    print(f"training step ({result['train_step']}{procs}): {format_bytes(result['train_peak_bytes'])}{fits}")
     return result
 
 

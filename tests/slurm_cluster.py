@@ -3,6 +3,10 @@ folder, with their own config, socket and ports, started and stopped by the test
 
 The node offers 2 CPUs and 2 count-only GPUs (no devices behind them) so that the project's sbatch scripts run
 with their GPU requests as written; the tasks see no CUDA device and train on the CPU with gloo.
+
+With `grace_time`, the cluster preempts as a production one does (preempt/partition_prio, PreemptMode=REQUEUE): a
+job of the partition `high` takes the node from the jobs of the default partition `debug`, which get SIGTERM, then
+`grace_time` seconds, then are requeued (SIGTERM again, KillWait, SIGKILL).
 """
 from __future__ import annotations
 
@@ -58,9 +62,11 @@ def _free_ports(count: int) -> list[int]:
 class SlurmCluster:
     """One node named after this host (slurmd must find its own name in slurm.conf), CPUs=2, Gres=gpu:2."""
 
-    def __init__(self, root: str | os.PathLike, cpus: int = 2, gpus: int = 2) -> None:
+    def __init__(self, root: str | os.PathLike, cpus: int = 2, gpus: int = 2, grace_time: int | None = None,
+                 kill_wait: int = KILL_WAIT) -> None:
         self.root = Path(root)
         self.cpus, self.gpus = cpus, gpus
+        self.grace_time, self.kill_wait = grace_time, kill_wait
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge" / "munge.socket"
@@ -126,12 +132,21 @@ class SlurmCluster:
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
             "JobRequeue=1",
-            f"KillWait={KILL_WAIT}",
+            f"KillWait={self.kill_wait}",
             "MinJobAge=600",
             "GresTypes=gpu",
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Gres=gpu:{self.gpus} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
+        if self.grace_time is None:
+            lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
+        else:
+            lines += [
+                "PreemptType=preempt/partition_prio",
+                "PreemptMode=REQUEUE",
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
+                f"PreemptMode=REQUEUE GraceTime={self.grace_time}",
+                "PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
+            ]
         self.conf.write_text("\n".join(lines) + "\n")
         # slurmd counts GPUs by their device files: empty files stand in for /dev/nvidia*.
         (r / "dev").mkdir(exist_ok=True)
@@ -182,7 +197,7 @@ class SlurmCluster:
         process ids). Stopping slurmd before the cancelled jobs are gone would leave their processes running."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--user", os.environ.get("USER") or "root", check=False)
-            end = time.time() + KILL_WAIT + 30
+            end = time.time() + (self.grace_time or 0) + self.kill_wait + 30
             while self.unfinished_jobs() and time.time() < end:
                 time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
@@ -215,7 +230,8 @@ class SlurmCluster:
 
     def node_state(self) -> str:
         proc = self.run("sinfo", "-h", "-N", "-n", self.node, "-o", "%T", check=False)
-        return proc.stdout.strip().rstrip("*~#").lower()
+        lines = proc.stdout.split()  # one line per partition: the node is in both where preemption is configured
+        return lines[0].rstrip("*~#").lower() if lines else ""
 
     def sbatch(self, *argv: str, cwd: str | os.PathLike, env: dict[str, str] | None = None) -> str:
         """Submit; returns the job id."""
@@ -256,9 +272,10 @@ class SlurmCluster:
         raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout:.0f} s:\n" + self.logs())
 
 
-def started_cluster(tmp_path_factory: Any, name: str = "slurm") -> Iterator[SlurmCluster]:
-    """The body of a test module's `cluster` fixture: a cluster started in a fresh folder, stopped afterwards;
-    the test is skipped (with the reason) where SLURM is missing or slurmd cannot launch steps."""
+def started_cluster(tmp_path_factory: Any, name: str = "slurm", **options: Any) -> Iterator[SlurmCluster]:
+    """The body of a test module's `cluster` fixture: a cluster started in a fresh folder (`options` go to
+    SlurmCluster), stopped afterwards; the test is skipped (with the reason) where SLURM is missing or slurmd cannot
+    launch steps."""
     import pytest
 
     missing = missing_binaries()
@@ -267,7 +284,7 @@ def started_cluster(tmp_path_factory: Any, name: str = "slurm") -> Iterator[Slur
                     "slurm-client and munge")
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root to launch job steps")
-    cluster = SlurmCluster(tmp_path_factory.mktemp(name))
+    cluster = SlurmCluster(tmp_path_factory.mktemp(name), **options)
     cluster.start()
     try:
         yield cluster

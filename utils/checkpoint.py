@@ -243,18 +243,29 @@ def save_run_checkpoint(run_dir: str, iteration: int, state: dict[str, Any], kee
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random streams: CPU torch, numpy, python, and the CUDA stream of its own device only (a
+    process that saved every visible GPU's could not restore them where it sees fewer, or another binding)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s streams; the CUDA one goes to this process's current device. A checkpoint of an
+    older version holds a list (every GPU the process saw): the entry of the current device when it has one."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> LoadReport:
@@ -279,3 +290,49 @@ def load_trunk_weights(trunk: nn.Module, path: str) -> LoadReport:
     report = load_state_dict_checked(trunk, mapped, path, strict=True)
     report.unexpected = dropped  # the classifier keys, dropped by design
     return report
+
+
+# ----------------------------------------------------------------------------------------------- resume layout
+
+LAYOUT_KEYS = ("data.batch_size:", "train.accum_steps:")  # how the global batch is split, not what it is
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a step's global batch is split: images per batch x batches per step x processes."""
+
+    batch_size: int
+    accum_steps: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accum_steps * self.world_size
+
+    def __str__(self) -> str:
+        return (f"{self.global_batch} (data.batch_size {self.batch_size} x train.accum_steps {self.accum_steps} x "
+                f"{self.world_size} process(es))")
+
+
+def saved_layout(ckpt: dict[str, Any]) -> BatchLayout:
+    """The layout a checkpoint of ours was written with (older files: the process count from their RNG list)."""
+    cfg = ckpt.get("config") or {}
+    rng = ckpt.get("rng")
+    world = ckpt.get("state", {}).get("world_size") or (len(rng) if isinstance(rng, list) else 1)
+    return BatchLayout(int(cfg.get("data", {}).get("batch_size", 8)), int(cfg.get("train", {}).get("accum_steps", 1)),
+                       int(world))
+
+
+def layout_refusal(path: str, saved: BatchLayout, now: BatchLayout) -> str | None:
+    """Why a resume of `path` cannot continue the same sample order (None: it can). The order is kept when the
+    global batch is: the sampler places samples by their global index (datasets/sampler.py)."""
+    if saved.global_batch == now.global_batch:
+        return None
+    fits = []
+    for accum in range(1, 65):
+        if saved.global_batch == now.batch_size * accum * now.world_size:
+            fits.append(f"train.accum_steps={accum}")
+            break
+    return (f"refusing to resume {path}: it was trained with a global batch of {saved}, this run has {now}; keep "
+            f"the global batch ({'e.g. ' + fits[0] if fits else 'data.batch_size x train.accum_steps x processes'}) "
+            "to continue the same samples in the same order, or use --force-resume to continue anyway")

@@ -18,6 +18,7 @@ from .evaluation.dumps import ImageDumper, LabelIdWriter, image_miou, make_recor
 from .inference import Combo, Inference
 from .inference.memory import planned_pass
 from .evaluation.metrics import confusion_counter
+from .runtime.layout import no_autotune
 from .runtime.precision import autocast
 
 
@@ -62,7 +63,10 @@ class TrainBatches:
         return {"epoch": self.epoch, "epoch_samples": self.epoch_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.epoch_samples = int(state["epoch"]), int(state["epoch_samples"])
+        # A whole number of steps: the position of a checkpoint of another global batch (--force-resume) goes back
+        # to the last step boundary of this one.
+        self.epoch = int(state["epoch"])
+        self.epoch_samples = int(state["epoch_samples"]) // self.global_batch * self.global_batch
         self._batches = None
 
     def next_step(self) -> list[dict[str, Any]]:
@@ -72,7 +76,7 @@ class TrainBatches:
             if self._steps == 0:
                 raise ValueError(f"epoch {self.epoch} has fewer samples than one step of {self.global_batch} "
                                  "(data.batch_size x train.accum_steps x processes): lower data.batch_size")
-            self.loader.sampler.set_epoch(self.epoch, skip=self.epoch_samples // self.world_size)
+            self.loader.sampler.set_epoch(self.epoch, start=self.epoch_samples)
             self._batches = iter(self.loader)
         return [next(self._batches) for _ in range(self.accum_steps)]
 
@@ -120,6 +124,19 @@ def train_step(
     return {k: v / accum for k, v in sums.items()}
 
 
+def reduce_scalars(scalars: dict[str, torch.Tensor], world_size: int) -> tuple[dict[str, float], int]:
+    """Each scalar's mean over the ranks, and on how many ranks any of them was not finite. A collective: every
+    rank calls it at the same logging steps; the one host synchronisation of such a step. Decided on these shared
+    values, a non-finite loss stops every rank or none."""
+    names = sorted(scalars)
+    device = next((v.device for v in scalars.values() if v.device.type != "cpu"), torch.device("cpu"))
+    local = torch.stack([scalars[k].detach().to(device, torch.float64).reshape(()) for k in names])
+    packed = torch.cat([local, (~torch.isfinite(local)).any().to(torch.float64).reshape(1)])
+    all_reduce_sum(packed)
+    values = (packed[:-1] / world_size).tolist()
+    return dict(zip(names, values)), int(packed[-1].item())
+
+
 # ----------------------------------------------------------------------------------------------- inference
 
 
@@ -148,6 +165,7 @@ def _first_index(loader: Iterable[Any]) -> int:
     return int(getattr(getattr(loader, "sampler", None), "start", 0))
 
 
+@no_autotune()
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,

@@ -96,6 +96,20 @@ def test_autolabel_threshold_dropout_and_mask_out(root):
     assert (out[rows:] == 255).all() and (out[16:rows, 16:32] == 0).all()
 
 
+def test_dropping_samples_keeps_each_autolabel_with_its_image(root):
+    """data.skip_bad drops unreadable samples (datasets.verify, datasets.agree): the autolabel table, keyed by
+    sample index, moves with the samples after them."""
+    ds = build_dataset(cfg(root, autolabel_threshold=0.5, dropout_classes=(14, 15)), "train", True)
+    fine_mask = ds.load_mask(3)
+    ds.drop_samples({2: "unreadable", 7: "unreadable"})  # a fine image and an autolabelled coarse one
+    assert ds.num_main == 5 and len(ds) == 8 and sorted(ds.autolabel) == [5, 6, 7]
+    for i in sorted(ds.autolabel):
+        prob, human = ds.autolabel[i]
+        assert os.path.basename(prob).startswith(ds.samples[i].name + "_")
+        assert os.path.basename(human).startswith(ds.samples[i].name + "_")
+    assert np.array_equal(ds.load_mask(2), fine_mask)  # the former sample 3
+
+
 # A hand-built 8x8 autolabel, one case per column (label ids; the human gtCoarse and the probability alike):
 #   col:        0      1      2      3      4      5      6      7
 #   autolabel   road   road   bus    car    truck  road   car    road

@@ -106,10 +106,45 @@ def test_skip_bad_logs_each_bad_file_instead(broken, caplog):
     with caplog.at_level(logging.WARNING, logger="datasets.verify"):
         ds = build_dataset(cfg(root, verify=True, skip_bad=True), "val", False)
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 3 and all(w.startswith("data.verify: ") and w.endswith("(skipped: data.skip_bad=true)")
-                                      for w in warnings)
+    assert len(warnings) == 4 and all(w.startswith("data.verify: ") and w.endswith("(skipped: data.skip_bad=true)")
+                                      for w in warnings[:3])
     assert bad["image"] in warnings[1] and bad["small"] in warnings[2]
-    assert ds[1]["name"] == "frankfurt_000000_000019"  # samples 1-3 are bad: training wraps round to sample 0
+    assert warnings[3] == "data.verify: 3 of 4 samples of cityscapes/val/cv0 skipped (data.skip_bad=true), 1 left"
+    # Skipped, not replaced by another sample: an evaluation counts each image once.
+    assert [s.name for s in ds.samples] == ["frankfurt_000000_000019"] and len(ds) == 1
+
+
+def test_skip_bad_with_every_sample_bad_is_one_line(broken):
+    root, _ = broken
+    image = val_file(root, "frankfurt", 0, "image")
+    with open(image, "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(DataError) as e:
+        build_dataset(cfg(root, verify=True, skip_bad=True), "val", False)
+    assert str(e.value) == ("data.verify: all 4 samples of cityscapes/val/cv0 have unusable files, e.g. cannot "
+                            f"decode image (corrupt, truncated or not an image): {image}; check data.root")
+
+
+def test_skip_bad_drops_with_the_class_uniform_centroids_renumbered(broken, tmp_path):
+    """Dropping after the centroids were computed (what datasets.agree does for a file another rank cannot read)
+    leaves the centroids a build without that file computes."""
+    root, _ = broken
+    settings = dict(pct=0.5, tile=16, cache_dir=str(tmp_path / "centroids"))
+    full = build_dataset(cfg(root, **settings), "train", True)
+    full.drop_samples({1: "unreadable on rank 1"})
+    clean_root = str(tmp_path / "without")
+    shutil.copytree(root, clean_root)
+    name = full.listed()[1].name
+    for folder, _, files in os.walk(clean_root):
+        for f in files:
+            if f.startswith(name):
+                os.remove(os.path.join(folder, f))
+    without = build_dataset(cfg(clean_root, **settings), "train", True)
+    assert [s.name for s in full.samples] == [s.name for s in without.samples] and full.num_main == 2
+    assert full.dropped == {1: "unreadable on rank 1"}
+    for c in range(full.num_classes):
+        assert np.array_equal(full.uniform.centroids[c], without.uniform.centroids[c]), c
+    assert full.epoch_length(0) == without.epoch_length(0)
 
 
 def test_truncated_jpeg_that_opencv_accepts_is_found(tmp_path):

@@ -345,15 +345,39 @@ def test_train_sampler_ranks_split_the_epoch():
     s = TrainSampler(data, seed=0)
     s.set_epoch(5)
     full = list(s)
-    s.set_epoch(5, skip=4)
+    s.set_epoch(5, start=4)
     assert list(s) == full[4:]
     state = s.state_dict()
     assert state["epoch"] == 6
     t = TrainSampler(data, seed=0)
-    t.load_state_dict({"epoch": 5, "skip": 4, "seed": 0})
+    t.load_state_dict({"epoch": 5, "start": 4, "seed": 0})
     assert list(t) == full[4:]
     with pytest.raises(ValueError, match="seed"):
         t.load_state_dict({"epoch": 1, "seed": 9})
+
+
+def test_train_sampler_keys_samples_by_their_global_position():
+    """A step of G = batch x accumulation x ranks samples covers the same list entries in the same batches however
+    G is split: 2 ranks x 2 images = 1 rank x 2 images x 2 accumulated batches; a resume from a global position
+    continues there on any split that keeps the chunk boundary."""
+    data = list(range(16))
+    items, _ = TrainSampler(data, seed=3).epoch_list(0)
+    ranks = [list(TrainSampler(data, seed=3, rank=r, world_size=2, batch_size=2)) for r in range(2)]
+    one = list(TrainSampler(data, seed=3, world_size=1, batch_size=2))
+    batches_two = [[ref.index for ref in ranks[r][b:b + 2]] for b in range(0, 8, 2) for r in range(2)]
+    batches_one = [[ref.index for ref in one[b:b + 2]] for b in range(0, 16, 2)]
+    assert batches_two == batches_one == [[i for i, _ in items[b:b + 2]] for b in range(0, 16, 2)]
+    assert [ref.index for ref in ranks[1][:2]] == [items[2][0], items[3][0]]  # chunk 1 of the list: rank 1
+    resumed = TrainSampler(data, seed=3, world_size=1, batch_size=2)
+    resumed.set_epoch(0, start=8)  # 2 steps of 4 samples done on 2 ranks
+    assert [ref.index for ref in resumed] == [i for i, _ in items[8:]]
+    assert [ref.seed for ref in list(TrainSampler(data, seed=3, rank=1, world_size=2, batch_size=2))] == \
+        [ref.seed for ref in one[2:4] + one[6:8] + one[10:12] + one[14:16]]
+    with pytest.raises(ValueError, match="multiple of batch_size x world_size = 4"):
+        TrainSampler(data, seed=3, world_size=2, batch_size=2).set_epoch(0, start=2)
+    # 10 entries on 3 ranks: 4 per rank (padded to 12), two whole chunks of 2 each; 3 per batch: one chunk each
+    assert [len(TrainSampler(list(range(10)), rank=r, world_size=3, batch_size=b)) for b in (2, 3) for r in range(3)] \
+        == [4, 4, 4, 3, 3, 3]
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 10])

@@ -88,9 +88,10 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_p
     out = tmp_path / "job.out"
     run = tmp_path / "runs" / "preempt"
     planned = 16
+    # data-loader workers receive the signals of the step too (tests/scripts/test_slurm_preempt.py: SIGTERM)
     job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
-                 f"data.root={data}", f"train.max_iter={planned}", "train.ckpt_interval=100", "eval.num_dump=0",
-                 f"run.output_dir={tmp_path}/runs", "run.name=preempt")
+                 f"data.root={data}", "data.num_workers=2", f"train.max_iter={planned}", "train.ckpt_interval=100",
+                 "eval.num_dump=0", f"run.output_dir={tmp_path}/runs", "run.name=preempt")
     end = time.time() + 180
     while len(train_rows(run)) < 2:
         assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)

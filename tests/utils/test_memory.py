@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 import network
 from datasets.cityscapes import CLASSES as CITYSCAPES
+from loss import build_criterion
+from train import build_optimizer
 from utils.config import ConfigError, load_config
 from utils.engine import evaluate
 from utils.inference import Inference
@@ -27,6 +30,7 @@ from utils.inference.memory import (
     trace_forward,
 )
 from utils.inference.multiscale import UNCONSTRAINED, MultiScalePass, Schedule, ScheduledPass
+from utils.runtime.precision import autocast
 
 CPU = torch.device("cpu")
 K = 5
@@ -203,30 +207,56 @@ def test_sweep_and_dumps_work_under_every_schedule(demo, tmp_path):
             assert c1 == c2 and torch.equal(h1, h2), (schedule.label, c1.label)
 
 
+def builders(cfg):
+    """train.py's model, optimizer and criterion for `cfg` (the model at K classes)."""
+    return (lambda: network.build_model(cfg.model.name, K, **cfg.model.options), partial(build_optimizer, cfg),
+            build_criterion(cfg.loss, K, 255))
+
+
 @pytest.mark.slow
 def test_train_check_refuses_with_predicted_available_and_what_fits(demo):
     cfg, _ = demo
     cfg = replace(cfg, data=replace(cfg.data, batch_size=4, augment=replace(cfg.data.augment, crop_size=(64, 64))))
-    step = TrainStep(4, (64, 64), "fp32")
-    peak = predict_train_peak(cfg, K, step)
-    half = predict_train_peak(cfg, K, replace(step, batch=2))
+    step = TrainStep(4, (64, 64), cfg.run.precision, cfg.run.channels_last)
+    assert TrainStep.from_config(cfg) == step
+    peak = predict_train_peak(*builders(cfg), step)
+    half = predict_train_peak(*builders(cfg), replace(step, batch=2))
     assert half < peak
     tight = replace(cfg, eval=replace(cfg.eval, memory_budget=(peak + half) // 2))
     with pytest.raises(MemoryPlanError) as err:
-        check_train_memory(tight, K, CPU)
+        check_train_memory(tight, CPU, *builders(tight))
     message = str(err.value)
-    assert f"({peak} bytes)" in message and f"({(peak + half) // 2} bytes)" in message
+    assert f"({peak} bytes: tensors " in message and f"({(peak + half) // 2} bytes)" in message
     assert "data.batch_size=2 train.accum_steps=2" in message and "\n" not in message
     ok = replace(cfg, eval=replace(cfg.eval, memory_budget=peak))
-    assert "needs" in check_train_memory(ok, K, CPU)
-    assert check_train_memory(cfg, K, CPU) is None  # a CPU without a budget is not checked
+    assert "needs" in check_train_memory(ok, CPU, *builders(ok))
+    assert check_train_memory(cfg, CPU, *builders(cfg)) is None  # a CPU without a budget is not checked
+
+
+def measure_train(cfg, step):
+    """Measured peak bytes of two real training steps on the CPU (weights, batch and state included)."""
+    torch.manual_seed(0)
+    build_model, build_opt, criterion = builders(cfg)
+    model = build_model().train()
+    optimizer = build_opt(model)
+    images = torch.randn(step.batch, 3, *step.crop)
+    target = torch.randint(0, K, (step.batch, *step.crop))
+    static = tensor_bytes(model) + images.numel() * 4 + target.numel() * 8
+    with PeakMemory(CPU) as mem:
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(step.precision, CPU):
+                outputs = model(images)
+            total, _terms = criterion(outputs, target)
+            total.backward()
+            optimizer.step()
+            del outputs, total, _terms
+    return static + mem.peak
 
 
 @pytest.mark.slow
 def test_predicted_train_peak_is_within_10_percent_of_the_measured_count(demo):
-    from scripts.bench_memory import measure_train
-
     cfg, _ = demo
     step = TrainStep(2, (64, 64), "fp32")
-    predicted, measured = predict_train_peak(cfg, K, step), measure_train(cfg, K, step, CPU)
+    predicted, measured = predict_train_peak(*builders(cfg), step), measure_train(cfg, step)
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)

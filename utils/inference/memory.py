@@ -11,13 +11,20 @@
   schedule of the ladder (exact ones, then approximate ones when eval.memory_fallback=any) whose peak fits
   eval.memory_budget.
 - A training step is traced whole (forward, loss, backward, optimizer; two steps, so that the optimizer state
-  is there), for train.py's check before the first step and for scripts/plan_memory.py.
+  is there) from builders the caller passes (the model, the optimizer, the criterion), for train.py's check before
+  the model is placed on the device and for scripts/plan_memory.py. What no trace sees on CUDA (DDP's gradient
+  buckets, NCCL's buffers, cuDNN workspaces, the CUDA context) is added as stated allowances (`train_overheads`).
+- Budgets: CUDA's free memory counts what PyTorch's caching allocator holds unused (`device_free`); an evaluation's
+  budget is measured once per model and device, the minimum over ranks, so that every rank and every batch of a
+  shape uses one schedule (`eval_budget`).
 
-What no count sees: kernel scratch space (cuDNN/oneDNN workspaces), allocator rounding and fragmentation and the
-CUDA context (~0.5 GB). CPU autocast stands in for CUDA autocast in traces (CUDA also runs softmax in fp32).
+What no count sees: kernel scratch space (cuDNN/oneDNN workspaces) and allocator rounding and fragmentation in an
+evaluation; the CUDA context (~0.5 GB) in either. CPU autocast stands in for CUDA autocast in traces (CUDA also runs
+softmax in fp32).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 from utils.config import parse_bytes
+from utils.runtime.dist import all_reduce_min
 from utils.runtime.precision import autocast
 
 from .multiscale import (
@@ -397,15 +405,50 @@ class MemoryPlanError(ValueError):
     """No schedule that may be used fits the memory budget."""
 
 
+def device_free(device: torch.device) -> int:
+    """Bytes this process may still allocate on a CUDA device: the driver's free memory plus what PyTorch's caching
+    allocator has reserved but not handed out (it serves new tensors from those blocks before asking the driver;
+    `mem_get_info` counts them as taken, so after a training step or a first batch the free memory alone is short
+    by about the previous peak)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def device_budget(device: torch.device, configured: int | None, resident: int = 0) -> int | None:
-    """The bytes a plan may use: the configured budget, else on CUDA the free memory plus `resident` (what the
-    plan counts that is on the device already, such as the weights), else None (no limit)."""
+    """The bytes a plan may use: the configured budget, else on CUDA what this process may still allocate
+    (`device_free`) plus `resident` (what the plan counts that is on the device already, such as the weights), else
+    None (no limit). Measured on this rank only: see `eval_budget` for the one all ranks share."""
     if configured is not None:
         return configured
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free) + resident
+        return device_free(device) + resident
     return None
+
+
+_BUDGETS: "weakref.WeakKeyDictionary[nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def eval_budget(model: nn.Module, device: torch.device, how: Inference, batch_bytes: int = 0) -> int | None:
+    """The budget of `model`'s evaluation plans on `device`: eval.memory_budget when set, else on CUDA the smallest
+    over the ranks of `device_budget` with the weights and `batch_bytes` (the batch already on the device) as
+    resident, measured at the first call for this model and device and kept from then on; else None.
+
+    Kept, so that a batch shape gets one schedule for the whole run (it is not re-planned as free memory changes),
+    and the minimum over ranks, so that ranks with batches of one shape choose the same schedule. The first call is
+    a collective on CUDA without eval.memory_budget: every rank must make it at the same point, which evaluate's
+    first batch is as long as every rank has one (the split has at least as many images as ranks); calling this
+    before the batch loop makes it independent of the batch counts. Later calls, whatever the batch shape, are not
+    collectives: a rank with one batch fewer or a last batch of another shape cannot stall the others.
+    """
+    if how.memory_budget is not None:
+        return how.memory_budget
+    if device.type != "cuda":
+        return None
+    net = unwrap(model)
+    kept = _BUDGETS.setdefault(net, {})
+    if str(device) not in kept:
+        kept[str(device)] = all_reduce_min(device_budget(device, None, tensor_bytes(net) + batch_bytes))
+    return kept[str(device)]
 
 
 _CHOICES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Schedule]]" = weakref.WeakKeyDictionary()
@@ -414,15 +457,14 @@ _CHOICES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Schedule]]" = weakre
 def choose_schedule(
     model: nn.Module, images: torch.Tensor, combos: Sequence[Combo], keep: Iterable[float], how: Inference
 ) -> Schedule:
-    """The first schedule of the ladder whose planned peak fits the budget (logged with the reason, once per batch
-    shape); the unconstrained one without a budget. Raises MemoryPlanError before any network pass when none
-    that eval.memory_fallback allows fits. A chosen approximate schedule is reported with its measured
-    difference from the exact result on the first image."""
+    """The first schedule of the ladder whose planned peak fits the budget (`eval_budget`; logged with the reason,
+    once per batch shape and then reused); the unconstrained one without a budget. Raises MemoryPlanError before any
+    network pass when none that eval.memory_fallback allows fits. A chosen approximate schedule is reported with its
+    measured difference from the exact result on the first image (`measure_difference`: the model is not touched)."""
     device = images.device
     keep = tuple(keep)
     net = unwrap(model)
-    resident = tensor_bytes(net) + _nbytes(images)
-    budget = device_budget(device, how.memory_budget, resident)
+    budget = eval_budget(net, device, how, _nbytes(images))
     if budget is None:
         return UNCONSTRAINED
     key = (tuple(images.shape), tuple(combos), keep, budget, how.memory_fallback, how.precision, how.window,
@@ -460,27 +502,38 @@ def choose_schedule(
     return chosen.schedule
 
 
+def host_copy(net: nn.Module) -> nn.Module:
+    """A copy of `net` in host memory that leaves `net` as it is. Each parameter and buffer is copied to the host
+    on its own (through deepcopy's memo), so the device never holds a second model; outside inference mode, so the
+    copy's parameters are normal tensors. Moving `net` itself instead (`net.cpu()`, then `net.to(device)`) replaces
+    every parameter's data in place (`Module._apply` assigns `param.data`): inside inference mode the parameters
+    become inference tensors (training's next backward fails), and each move drops the parameters' gradient
+    accumulators, on which DDP hooked its gradient all-reduce."""
+    with torch.inference_mode(False), torch.no_grad():
+        memo: dict[int, Any] = {}
+        for t in (*net.parameters(), *net.buffers()):
+            host = t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(host, t.requires_grad) if isinstance(t, nn.Parameter) else host
+        return copy.deepcopy(net, memo)
+
+
 def measure_difference(
     model: nn.Module, images: torch.Tensor, combo: Combo, how: Inference, approx: Schedule, exact: Schedule
 ) -> dict[str, float]:
     """How much an approximate schedule changes the result on the first image of `images`: the share of pixels
-    whose argmax agrees with the exact schedule's, and the largest absolute logit difference. The exact
-    reference runs on the host (the model visits the CPU once when it lives on another device)."""
+    whose argmax agrees with the exact schedule's, and the largest absolute logit difference. The exact reference
+    runs on the host, off the device the approximate schedule was chosen to fit: on a CPU with the model itself,
+    else with a host copy of it (`host_copy`), so the model being evaluated (or trained) is never moved or changed."""
     net = unwrap(model)
     device = images.device
     first = images[:1]
     with torch.inference_mode(), autocast(how.precision, device):
         approximate = ScheduledPass(net, first, [combo], approx, (), how.window, how.overlap).logits(combo)
         approximate = approximate.float().cpu()
-    if device.type != "cpu":
-        net.cpu()
-    try:
-        with torch.inference_mode(), autocast(how.precision, torch.device("cpu")):
-            reference = ScheduledPass(net, first.cpu(), [combo], exact, (), how.window, how.overlap).logits(combo)
-            reference = reference.float()
-    finally:
-        if device.type != "cpu":
-            net.to(device)
+    host = net if device.type == "cpu" else host_copy(net)
+    with torch.inference_mode(), autocast(how.precision, torch.device("cpu")):
+        reference = ScheduledPass(host, first.cpu(), [combo], exact, (), how.window, how.overlap).logits(combo)
+        reference = reference.float()
     agreement = (approximate.max(1).indices == reference.max(1).indices).double().mean().item()
     return {"agreement": agreement, "max_abs": (approximate - reference).abs().max().item()}
 
@@ -497,46 +550,76 @@ class TrainStep:
     precision: str
     channels_last: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TrainStep":
+        """The step of `cfg`: data.batch_size, data.augment.crop_size, run.precision, run.channels_last."""
+        crop = tuple(int(c) for c in cfg.data.augment.crop_size)
+        return cls(cfg.data.batch_size, (crop[0], crop[-1]), cfg.run.precision, cfg.run.channels_last)
+
     @property
     def label(self) -> str:
         return (f"data.batch_size={self.batch}, crop {self.crop[0]}x{self.crop[1]}, {self.precision}"
                 + (", channels-last" if self.channels_last else ""))
 
 
-def _optimizer(cfg: Any, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """train.py's optimizer (its fused CUDA SGD holds the same state: the momentum buffers)."""
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+# What a training step holds on CUDA that no trace sees, added to the traced peak as allowances. They are the
+# libraries' defaults and commonly reported sizes, not measurements of this model on this GPU.
+CUDNN_WORKSPACE_BYTES = 2**30
+"""cuDNN convolution workspaces: train.py sets cudnn.benchmark, which may pick algorithms needing large workspaces
+(allocated through PyTorch's caching allocator and kept reserved); PyTorch caps them only when CUDNN_CONV_WSCAP_DBG
+(MiB) is set. 1 GiB is an allowance, not a bound."""
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""The CUDA context and the kernels and handles of cuDNN and cuBLAS, loaded at first use (CUDA's lazy module
+loading): ~0.3-0.5 GB on current GPUs and drivers (the figure this module's notes always gave); cuBLAS workspaces of
+2 x 4 MiB + 8 x 16 KiB per stream (CUBLAS_WORKSPACE_CONFIG's default) fit in it. Whatever part of it exists when the
+check measures free memory is counted twice (the check errs on the safe side by up to that)."""
+NCCL_BYTES = 512 * 2**20
+"""NCCL's communicator buffers (world size > 1): NCCL_BUFFSIZE (4 MiB by default, the Simple protocol) plus the LL
+and LL128 protocols' buffers, per channel and peer, for up to 32 channels of rings and trees; ~0.2-0.5 GB with
+NCCL's defaults, the upper figure taken."""
 
 
-_TRAIN_TRACES: dict[tuple, int] = {}
+def trainable_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients of `model` (its parameters that require one)."""
+    return sum(_nbytes(p) for p in model.parameters() if p.requires_grad)
 
 
-def predict_train_peak(cfg: Any, num_classes: int, step: TrainStep, ignore_index: int = 255) -> int:
-    """Predicted peak bytes of one training step of `cfg`'s model, loss and optimizer at `step`: weights, gradients,
-    optimizer state, the batch and the most the step holds at once (two steps are traced, the second with the
-    optimizer state of the first). fp16 is traced as bf16 (same sizes; the loss scaler reads values)."""
-    import network
-    from loss import build_criterion
+def train_overheads(grad_bytes: int, device: torch.device | str, world_size: int) -> dict[str, int]:
+    """What a training step holds beyond its traced tensors, by source: with world_size > 1 DDP's gradient buckets
+    (bucket_cap_mb 25 MiB, the first 1 MiB, together covering every gradient: with train.py's DDP, which does not
+    set gradient_as_bucket_view, one more copy of the gradients, `grad_bytes`) on any device; on CUDA the cuDNN
+    workspace, the CUDA context and, with world_size > 1, NCCL's buffers (the constants above)."""
+    out = {}
+    if world_size > 1:
+        out["DDP gradient buckets"] = grad_bytes
+    if torch.device(device).type == "cuda":
+        out["cuDNN workspace"] = CUDNN_WORKSPACE_BYTES
+        out["CUDA context"] = CUDA_CONTEXT_BYTES
+        if world_size > 1:
+            out["NCCL buffers"] = NCCL_BYTES
+    return out
 
-    key = (repr(cfg.model), repr(cfg.loss), repr(cfg.train), num_classes, step)
-    if key in _TRAIN_TRACES:
-        return _TRAIN_TRACES[key]
+
+def trace_train_step(
+    build_model: Callable[[], nn.Module],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    criterion: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]],
+    step: TrainStep,
+) -> tuple[int, int]:
+    """(peak bytes of the step's tensors, gradient bytes), traced on fake tensors: weights, gradients, optimizer
+    state, the batch and the most the step holds at once (two steps are traced, the second with the optimizer state
+    of the first). `build_model()` and `build_optimizer(model)` run inside the fake mode (weights as shapes only);
+    `criterion(outputs, target)` returns (total, terms). fp16 is traced as bf16 (same sizes; the loss scaler reads
+    values)."""
     precision = "bf16" if step.precision == "fp16" else step.precision
     fmt = torch.channels_last if step.channels_last else torch.contiguous_format
     with _disable_current_modes(), _fake_mode():
-        model = network.build_model(cfg.model.name, num_classes, **cfg.model.options).train()
+        model = build_model().train()
         if step.channels_last:  # Module.to cannot swap fake tensors
             for p in model.parameters():
                 if p.dim() == 4:
                     p.data = p.data.contiguous(memory_format=fmt)
-        criterion = build_criterion(cfg.loss, num_classes, ignore_index)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _optimizer(cfg, params)
+        optimizer = build_optimizer(model)
         images = torch.empty(step.batch, 3, *step.crop).contiguous(memory_format=fmt)
         target = torch.zeros(step.batch, *step.crop, dtype=torch.long)
         static = tensor_bytes(model) + _nbytes(images) + _nbytes(target)
@@ -549,31 +632,51 @@ def predict_train_peak(cfg: Any, num_classes: int, step: TrainStep, ignore_index
                 total.backward()
                 optimizer.step()
                 del outputs, total, _terms
-    _TRAIN_TRACES[key] = static + tracker.peak
-    return _TRAIN_TRACES[key]
+    return static + tracker.peak, trainable_bytes(model)
+
+
+def predict_train_peak(
+    build_model: Callable[[], nn.Module],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    criterion: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]],
+    step: TrainStep,
+    device: torch.device | str = "cpu",
+    world_size: int = 1,
+) -> int:
+    """Predicted peak bytes of one training step on `device` in a run of `world_size` processes: the traced step
+    (`trace_train_step`) plus `train_overheads` (none in one process on a CPU)."""
+    traced, grads = trace_train_step(build_model, build_optimizer, criterion, step)
+    return traced + sum(train_overheads(grads, device, world_size).values())
 
 
 def available_bytes(device: torch.device, configured: int | None = None) -> int | None:
-    """What a training step may use on `device`: the configured budget, else CUDA's free memory plus what this
-    process holds already (the model placed there), else None (not checked)."""
+    """What a training step may use on `device`: the configured budget, else on CUDA what this process may still
+    allocate (`device_free`; the model not yet placed there), the least over ranks (so that all refuse together),
+    else None (not checked)."""
     if configured is not None:
         return configured
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free) + torch.cuda.memory_allocated(device)
+        return all_reduce_min(device_free(device))
     return None
 
 
-def train_alternatives(cfg: Any, num_classes: int, step: TrainStep, ignore_index: int = 255) -> list[tuple[str, int]]:
-    """Settings that lower the step's peak, each with its planned peak: half the batch with twice the
+def train_alternatives(
+    build_model: Callable[[], nn.Module],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    criterion: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]],
+    step: TrainStep,
+    accum_steps: int,
+    device: torch.device | str = "cpu",
+    world_size: int = 1,
+) -> list[tuple[str, int]]:
+    """Settings that lower the step's peak, each with its predicted peak: half the batch with twice the
     accumulation (same global batch), a half precision, a smaller crop."""
     candidates = []
-    accum = cfg.train.accum_steps
     batch = step.batch
     while batch > 1:
         batch //= 2
-        candidates.append((f"data.batch_size={batch} train.accum_steps={accum * (step.batch // batch)} (same global "
-                           "batch)", replace(step, batch=batch)))
+        candidates.append((f"data.batch_size={batch} train.accum_steps={accum_steps * (step.batch // batch)} (same "
+                           "global batch)", replace(step, batch=batch)))
     if step.precision == "fp32":
         candidates.append(("run.precision=bf16 (or fp16)", replace(step, precision="bf16")))
     crop = (max(32, int(step.crop[0] * 0.75) // 32 * 32), max(32, int(step.crop[1] * 0.75) // 32 * 32))
@@ -582,32 +685,46 @@ def train_alternatives(cfg: Any, num_classes: int, step: TrainStep, ignore_index
     out = []
     for what, candidate in candidates:
         try:
-            out.append((what, predict_train_peak(cfg, num_classes, candidate, ignore_index)))
+            out.append((what, predict_train_peak(build_model, build_optimizer, criterion, candidate, device,
+                                                 world_size)))
         except ValueError:  # a setting the model cannot train with (batch 1 through BatchNorm on a 1x1 map)
             continue
     return out
 
 
-def check_train_memory(cfg: Any, num_classes: int, device: torch.device, ignore_index: int = 255) -> str | None:
-    """Before the first step: the planned peak of one step against the device (eval.memory_budget when set, else
-    CUDA's free memory; not checked on other devices without a budget). Returns a line to log, or raises
+def check_train_memory(
+    cfg: Any,
+    device: torch.device,
+    build_model: Callable[[], nn.Module],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    criterion: Callable[[Any, torch.Tensor], tuple[torch.Tensor, Any]],
+    world_size: int = 1,
+) -> str | None:
+    """Before the model is placed on `device` (and wrapped in DDP): the predicted peak of one step of `cfg`
+    (`TrainStep.from_config`, with the allowances of `train_overheads` for `world_size` processes) against what the
+    device has (eval.memory_budget when set, else what this process may allocate on CUDA, the least over ranks: a
+    collective there, so every rank calls this at the same point; not checked on other devices without a budget).
+    Run after placement, the check would count the model's own memory as taken. Returns a line to log, or raises
     MemoryPlanError naming the predicted and available bytes and settings that would fit."""
     budget = parse_bytes(cfg.eval.memory_budget)
     available = available_bytes(device, budget)
     if available is None:
         return None
-    crop = tuple(int(c) for c in cfg.data.augment.crop_size)
-    step = TrainStep(cfg.data.batch_size, (crop[0], crop[-1]), cfg.run.precision, cfg.run.channels_last)
-    peak = predict_train_peak(cfg, num_classes, step, ignore_index)
+    step = TrainStep.from_config(cfg)
+    traced, grads = trace_train_step(build_model, build_optimizer, criterion, step)
+    overheads = train_overheads(grads, device, world_size)
+    peak = traced + sum(overheads.values())
+    parts = ", ".join([f"tensors {format_bytes(traced)}"] + [f"{k} {format_bytes(v)}" for k, v in overheads.items()])
     where = f"{device}" + (" (eval.memory_budget)" if budget is not None else " free")
     if peak <= available:
-        return f"memory plan: a training step ({step.label}) needs {format_bytes(peak)} of {format_bytes(available)} on {where}"
-    fits = [f"{what} ({format_bytes(p)})" for what, p in train_alternatives(cfg, num_classes, step, ignore_index)
-            if p <= available]
+        return (f"memory plan: a training step ({step.label}) needs {format_bytes(peak)} ({parts}) of "
+                f"{format_bytes(available)} on {where}")
+    fits = [f"{what} ({format_bytes(p)})" for what, p in train_alternatives(
+        build_model, build_optimizer, criterion, step, cfg.train.accum_steps, device, world_size) if p <= available]
     advice = ("would fit: " + "; ".join(fits)) if fits else \
         "none of half the batch, a half precision or a 0.75x crop fits: use a smaller model or crop"
-    raise MemoryPlanError(f"a training step ({step.label}) is planned at {format_bytes(peak)} ({peak} bytes) but "
-                          f"{where} has {format_bytes(available)} ({available} bytes): {advice}")
+    raise MemoryPlanError(f"a training step ({step.label}) is planned at {format_bytes(peak)} ({peak} bytes: {parts}) "
+                          f"but {where} has {format_bytes(available)} ({available} bytes): {advice}")
 
 
 def planned_pass(

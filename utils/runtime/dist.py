@@ -227,8 +227,7 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device("cpu")
     if use_cuda:
-        # srun may bind each task to one GPU (then it is device 0), or show all of the node's GPUs.
-        dev = torch.device("cuda", env.local_rank % max(torch.cuda.device_count(), 1))
+        dev = torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     info = DistInfo(env.rank, env.world_size, env.local_rank, dev, timeout, env.launcher)
     if env.world_size == 1 or dist.is_initialized():
@@ -239,11 +238,22 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
         raise DistributedError(f"rank {env.rank}: cannot resolve the master address {env.master_addr!r} "
                                f"({_master_source(env)}): {e}") from e
     host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
+    delta = datetime.timedelta(seconds=timeout)
     try:
-        dist.init_process_group(
-            "nccl" if use_cuda else "gloo", init_method=f"tcp://{host}:{env.master_port}", rank=env.rank,
-            world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout),
-        )
+        # The rendezvous that init_process_group would make, done first so that the ranks can compare their GPUs
+        # over its store before NCCL sees two of them on one device.
+        store, _, _ = next(dist.rendezvous(f"tcp://{host}:{env.master_port}", env.rank, env.world_size,
+                                           timeout=delta))
+        store.set_timeout(delta)
+        if use_cuda:
+            shared = shared_devices(exchange(store, env.rank, env.world_size, device_key(dev)))
+            if shared:
+                raise DistConfigError(shared)
+        # device_id: NCCL binds its communicator to this GPU now instead of guessing it at the first collective.
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=env.rank,
+                                world_size=env.world_size, timeout=delta, device_id=dev if use_cuda else None)
+    except DistConfigError:
+        raise
     except (RuntimeError, ValueError) as e:
         who = ("the other processes did not all join" if env.rank == 0
                else "could not join the process group")
@@ -254,6 +264,46 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
             f"(set MASTER_PORT to use another)."
         ) from e
     return info
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This task's GPU: the one GPU a per-task binding shows it (srun --gpus-per-task, CUDA_VISIBLE_DEVICES), else
+    the node's GPU of its local rank. More local ranks than GPUs is a launch error, not a GPU to share."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise DistConfigError(
+            f"local rank {local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} process(es) per node, one "
+            "per GPU (torchrun --nproc_per_node, sbatch --ntasks-per-node and --gpus-per-node)")
+    return local_rank
+
+
+def device_key(device: torch.device) -> str:
+    """What identifies a GPU across processes: host and UUID (indices differ under CUDA_VISIBLE_DEVICES)."""
+    return f"{socket.gethostname()} GPU {torch.cuda.get_device_properties(device).uuid}"
+
+
+def exchange(store: dist.Store, rank: int, world_size: int, value: str) -> list[str]:
+    """Every rank's `value` in rank order, through the rendezvous store (no process group needed yet)."""
+    prefixed = dist.PrefixStore("hmsa/devices", store)
+    prefixed.set(str(rank), value)
+    return [prefixed.get(str(r)).decode() for r in range(world_size)]
+
+
+def shared_devices(keys: list[str]) -> str | None:
+    """The message for ranks that landed on one GPU (NCCL would stop later with "Duplicate GPU detected"), or
+    None when every rank has its own."""
+    ranks: dict[str, list[int]] = {}
+    for rank, key in enumerate(keys):
+        ranks.setdefault(key, []).append(rank)
+    shared = [(key, rs) for key, rs in ranks.items() if len(rs) > 1]
+    if not shared:
+        return None
+    key, rs = shared[0]
+    return (f"ranks {', '.join(map(str, rs))} share one GPU ({key}): give each process its own GPU (srun "
+            "--gpus-per-task=1, or at most as many tasks per node as the node has GPUs; torchrun --nproc_per_node "
+            "at most the GPU count)")
 
 
 def _master_source(env: DistEnv) -> str:
@@ -286,6 +336,16 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest of the ranks' `value`, on every rank (a collective: call it at the same point on all ranks)."""
+    if not is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -2,8 +2,10 @@
 memory is kept for reuse (`run.host_memory`). Shared by train.py and eval.py."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -66,3 +68,16 @@ def retain_host_memory() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+@contextlib.contextmanager
+def no_autotune() -> Iterator[None]:
+    """cuDNN autotuning off inside (restored after). Training turns it on for its fixed crops; evaluation meets
+    a new shape per scale, image size and window, and tuning each would cost a search and leave its workspaces in
+    the caching allocator, which the evaluation's memory plan would then count as taken."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before

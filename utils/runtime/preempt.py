@@ -1,9 +1,15 @@
 """Preemption: a signal sets a flag, every rank learns of it at the same step, the run checkpoints and exits with
-EXIT_PREEMPTED, and scripts/slurm/train.sbatch requeues the job, which resumes from that checkpoint.
+EXIT_PREEMPTED, and the job is requeued (by SLURM or by scripts/slurm/common.sh), resuming from that checkpoint.
 
-SLURM sends the warning signal (`#SBATCH --signal=B:USR1@<seconds>`) to the batch script, which forwards it to the
-tasks; a cancellation, a time limit or the scheduler's own preemption sends SIGTERM (and SIGKILL after KillWait).
+Which signal comes, and to which processes (docs/distributed.md, section Preemption):
+- the warning before the time limit (`#SBATCH --signal=B:USR1@<seconds>`) goes to the batch script, which forwards
+  USR1 to the tasks through srun;
+- a preemption sends SIGTERM to every process of the job's steps (the data-loader workers too), GraceTime before
+  the requeue; `scancel`, `scontrol requeue` and the time limit send it to the batch script and srun as well, then
+  SIGKILL after KillWait. srun turns a SIGTERM it receives into SIGKILL of its tasks while the job still runs, so
+  the batch script never forwards TERM.
 Both set the flag. The handler only sets it: the checkpoint is written by the training loop between two steps.
+Data-loader workers ignore both signals (datasets._seed_worker): torch's worker handler would die of SIGTERM.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from types import FrameType
 
 from .dist import all_gather_objects, any_rank
 
-# EX_TEMPFAIL (sysexits.h): stopped early on request, resumable. train.sbatch requeues the job on this code.
+# EX_TEMPFAIL (sysexits.h): stopped early on request, with a checkpoint to resume from.
 EXIT_PREEMPTED = 75
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -32,6 +38,12 @@ class Preemption:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None and os.getpid() == self._pid:
             self.signum = signum
+            # torch's SIGCHLD handler raises in the main process, wherever it is (mid-step, mid-checkpoint), when a
+            # data-loader worker dies; once stopping, such a death must not cost the checkpoint: the loader still
+            # reports it at its next batch.
+            previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if previous is not None:  # None: set outside Python, nothing close() could put back
+                self._previous[signal.SIGCHLD] = previous
             # os.write, not print: a handler that prints can re-enter a buffer the interrupted code was writing.
             os.write(2, f"[rank {self.rank}] received {signal.Signals(signum).name}: "
                         "checkpointing and stopping at the next step\n".encode())

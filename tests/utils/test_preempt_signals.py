@@ -1,0 +1,93 @@
+"""The stop signals as SLURM delivers them, without SLURM: slurmstepd sends SIGTERM to every process of a step, the
+data-loader workers too (tests/scripts/test_slurm_preempt.py drives the real thing)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import tiny_run
+from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc: the data-loader workers of a training process)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def train_rows(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count('"split": "train"') if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path):
+    from datasets.synthetic import generate_synthetic_cityscapes
+
+    generate_synthetic_cityscapes(str(tmp_path / "data"), 8, 2, 64, 128, 0)
+    planned = 40
+    args = tiny_run({"data.num_workers": 2, "train.ckpt_interval": 1000, "eval.num_dump": 0}, root=tmp_path,
+                    max_iter=planned)
+    run = tmp_path / "runs" / "run"
+    out = tmp_path / "train.out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)  # its own process group, as a SLURM step
+    try:
+        end = time.time() + 300
+        while train_rows(run) < 2:  # the loader's (persistent) workers run from the first batch on
+            assert proc.poll() is None, out.read_text()[-3000:]
+            assert time.time() < end, "no 2 training iterations after 300 s\n" + out.read_text()[-3000:]
+            time.sleep(0.1)
+        assert len(children(proc.pid)) >= 2, "no data-loader workers"
+        logged = train_rows(run)
+        os.killpg(proc.pid, signal.SIGTERM)  # what slurmstepd does: every process of the step
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = out.read_text()
+    assert rc == EXIT_PREEMPTED, text[-3000:]
+    stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", text)
+    assert stopped, text[-3000:]
+    k = int(stopped.group(1))
+    assert logged <= k < planned
+    assert sorted(p.name for p in run.glob("ckpt_*.pth")) == [f"ckpt_{k:08d}.pth"]
+    assert "DataLoader worker" not in text
+
+
+def test_a_worker_death_after_a_stop_request_does_not_raise_in_the_main_process():
+    # torch's SIGCHLD handler raises wherever the main process is when a worker dies; after a stop request that
+    # must not interrupt the step or the checkpoint. close() puts the handler back.
+    def torch_like(signum, frame):
+        raise RuntimeError("DataLoader worker exited unexpectedly")
+
+    before = signal.signal(signal.SIGCHLD, torch_like)
+    try:
+        with Preemption() as preempt:
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+            assert preempt.requested()
+            assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+            child = subprocess.Popen([sys.executable, "-c", "pass"])
+            assert child.wait() == 0
+        assert signal.getsignal(signal.SIGCHLD) is torch_like
+    finally:
+        signal.signal(signal.SIGCHLD, before)
