@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 import warnings
@@ -411,7 +412,7 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     for message in notices:
         log.warn(message)
     log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
-             + (f"; this is rank {dist.rank}" if dist.distributed else ""))
+             + (f"; this is rank {dist.rank} on {socket.gethostname()}" if dist.distributed else ""))
     for report in reports:
         log.info(report)
     criterion = build_criterion(cfg.loss, num_classes, ignore)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 from typing import Any
 
 import torch
 
 import network
+from loss import build_criterion
+from train import build_optimizer
 from utils.config import load_config
 from utils.inference import Inference
 from utils.inference.memory import (
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      "predicted": row.peak, "measured": measured, "error": row.peak / measured - 1,
                      "time_ratio": seconds / base_time})
     step = TrainStep(args.train_batch, args.train_crop, args.precision)
-    predicted = predict_train_peak(cfg, args.classes, step)
+    predicted = predict_train_peak(
+        lambda: network.build_model(cfg.model.name, args.classes, **cfg.model.options),
+        partial(build_optimizer, cfg), build_criterion(cfg.loss, args.classes, 255), step)
     rows.append({"case": f"train step {step.label}", "schedule": "-", "predicted": predicted,
                  "measured": measure_train(cfg, args.classes, step, device), "time_ratio": None})
     rows[-1]["error"] = predicted / rows[-1]["measured"] - 1
@@ -119,14 +124,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 def measure_train(cfg: Any, num_classes: int, step: TrainStep, device: torch.device) -> int:
     """Measured peak bytes of the second of two real training steps' span (weights, batch and state included)."""
-    from loss import build_criterion
-    from utils.inference.memory import _optimizer
     from utils.runtime.precision import autocast
 
     torch.manual_seed(0)
     model = network.build_model(cfg.model.name, num_classes, **cfg.model.options).train().to(device)
     criterion = build_criterion(cfg.loss, num_classes, 255)
-    optimizer = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    optimizer = build_optimizer(cfg, model)
     images = torch.randn(step.batch, 3, *step.crop, device=device)
     target = torch.randint(0, num_classes, (step.batch, *step.crop), device=device)
     precision = "bf16" if step.precision == "fp16" else step.precision

@@ -132,6 +132,10 @@ class SlurmCluster:
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",
             "JobRequeue=1",
+            # train.py derives its rendezvous port from the job id (20000 + id % 10000, utils/runtime/dist.py): ids
+            # all starting at 1 made the first jobs of two clusters running on this host at once share a port ("failed
+            # to listen"). Started at the slurmctld port, which no other running cluster holds, they rarely meet.
+            f"FirstJobId={self.ctld_port}",
             f"KillWait={self.kill_wait}",
             "MinJobAge=600",
             "GresTypes=gpu",

@@ -1,7 +1,8 @@
 """Checkpoints: atomic writes, auto-resume, and loading of ours and the original's snapshots.
 
 Our files hold {'format': 'hmsa', 'config', 'model', 'optimizer', 'scheduler', 'scaler', 'state' (iteration,
-data position, best so far), 'rng' (one entry per rank)}, and best.pth also 'best' (mIoU, iteration, epoch).
+data position, best so far, process count), 'rng' (one entry per rank)}: tensors and plain values only, read back
+with torch's weights_only loader, and best.pth also 'best' (mIoU, iteration, epoch).
 The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_classes', 'epoch', 'optimizer',
 'mean_iu', 'command'}; both load here.
 """
@@ -60,16 +61,47 @@ def remove_orphaned_temps(run_dir: str) -> list[str]:
     return found
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that holds Python objects beyond tensors and plain values: unpickling it could run code."""
+
+
+TRUST_VARIABLE = "HMSA_TRUST_CHECKPOINT"  # paths (os.pathsep-separated) the user trusts to unpickle in full
+# Checkpoints of earlier versions hold numpy's random state: an array, which these rebuild without running code.
+_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct,
+                  (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _trusted(path: str) -> bool:
+    listed = [p for p in os.environ.get(TRUST_VARIABLE, "").split(os.pathsep) if p]
+    return os.path.realpath(path) in {os.path.realpath(p) for p in listed}
+
+
 def read_checkpoint(path: str, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict on the CPU, with a clear error for a missing, truncated or foreign file.
 
+    Only tensors and plain values are unpickled (torch's weights_only loader): a file that needs any other object
+    is refused, since building it could run code from the file, unless its path is listed in $HMSA_TRUST_CHECKPOINT.
     mmap: map the tensors instead of reading them (to look at the small fields of a large file)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    trusted = _trusted(path)
     try:
-        # weights_only=False: our checkpoints hold plain Python containers (config, RNG states) besides tensors.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(e))
+        if found is None:  # any other refusal of the restricted unpickler: not a checkpoint it can read
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                                  f"{_first_line(str(e).split('WeightsUnpickler error:')[-1])}") from e
+        raise UnsafeCheckpointError(
+            f"{path}: holds Python objects beyond tensors and plain values ({found.group(1)}), and loading it could "
+            f"run code from the file; if you trust its source, list it in {TRUST_VARIABLE}={path} to load it "
+            "anyway") from e
+    except (RuntimeError, EOFError, IndexError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
@@ -206,6 +238,8 @@ def latest_checkpoint(run_dir: str) -> Latest | None:
     for path in checkpoint_paths(run_dir):
         try:
             return Latest(path, read_checkpoint(path), skipped)
+        except UnsafeCheckpointError:
+            raise  # not damage to skip past: someone put it there
         except CheckpointError as e:
             skipped.append((path, str(e).removeprefix(f"{path}: ")))
     if skipped:
@@ -244,8 +278,11 @@ def save_run_checkpoint(run_dir: str, iteration: int, state: dict[str, Any], kee
 
 def rng_state() -> dict[str, Any]:
     """This process's random streams: CPU torch, numpy, python, and the CUDA stream of its own device only (a
-    process that saved every visible GPU's could not restore them where it sees fewer, or another binding)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    process that saved every visible GPU's could not restore them where it sees fewer, or another binding).
+    Tensors and plain values only, so that the checkpoint loads without unpickling objects."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -255,7 +292,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore `rng_state()`'s streams; the CUDA one goes to this process's current device. A checkpoint of an
     older version holds a list (every GPU the process saw): the entry of the current device when it has one."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: an int64 tensor, or a uint32 array in older checkpoints
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     random.setstate(state["python"])
     cuda = state.get("cuda")
     if cuda is None or not torch.cuda.is_available():

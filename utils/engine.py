@@ -16,7 +16,7 @@ from network.layers import resize
 from .runtime.dist import all_reduce_sum, no_sync
 from .evaluation.dumps import ImageDumper, LabelIdWriter, image_miou, make_record
 from .inference import Combo, Inference
-from .inference.memory import planned_pass
+from .inference.memory import eval_budget, planned_pass
 from .evaluation.metrics import confusion_counter
 from .runtime.layout import no_autotune
 from .runtime.precision import autocast
@@ -204,6 +204,8 @@ def evaluate(
     hists = torch.zeros(len(combos), num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # CE sum, labelled pixels, images
     index = _first_index(loader)
+    if how.schedule is None:
+        eval_budget(model, device, how)  # its one collective, before the batch counts can differ between ranks
     for batch in loader:
         if should_stop is not None and should_stop():
             return EvalResult(hist=hists[0].cpu(), loss=float("nan"), stopped=True,

@@ -395,3 +395,90 @@ def test_debug_switch_shows_the_traceback(tmp_path):
     proc = _cli("eval.py", "--checkpoint", str(tmp_path / "nope.pth"), f"run.output_dir={tmp_path}",
                 env_extra={"HMSA_DEBUG": "1"})
     assert "Traceback" in proc.stderr
+
+
+# ------------------------------------------------------------------ checkpoints that would run code
+
+class _Planted:
+    """Unpickling this runs a shell command that creates `marker` (what a planted checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(path: Path, marker: Path, base: dict | None = None) -> Path:
+    torch.save({**(base or {}), "planted": _Planted(marker)}, path)
+    return path
+
+
+PLANTED_CASES = ["eval --checkpoint", "eval model.snapshot", "train model.snapshot", "train model.pretrained",
+                 "train auto-resume", "train --resume PATH"]
+
+
+@pytest.mark.parametrize("case", PLANTED_CASES)
+def test_a_planted_pickle_in_any_loaded_file_runs_nothing(case, run_copy, data, tmp_path):
+    """Every checkpoint a user points at or a run folder holds is read with torch's weights_only loader: a file
+    that needs another object is refused by name, with the opt-in for a trusted file, and runs nothing."""
+    marker = tmp_path / "ran"
+    run = run_copy / "runs" / "run"
+    real = torch.load(run / "ckpt_00000002.pth", weights_only=True)
+    bad = plant(tmp_path / "bad.pth", marker, real)
+    args = {
+        "eval --checkpoint": (eval_script, tiny(run_copy, data) + ["--checkpoint", str(bad)]),
+        "eval model.snapshot": (eval_script, tiny(tmp_path, data, "fresh") + [f"model.snapshot={bad}"]),
+        "train model.snapshot": (train_script, tiny(tmp_path, data, "fresh") + [f"model.snapshot={bad}"]),
+        "train model.pretrained": (train_script, tiny(tmp_path, data, "fresh") + [f"model.pretrained={bad}"]),
+        "train auto-resume": (train_script, tiny(run_copy, data, max_iter=4)),
+        "train --resume PATH": (train_script, tiny(tmp_path, data, "fresh") + ["--resume", str(bad)]),
+    }
+    if case == "train auto-resume":
+        bad = plant(run / "ckpt_00000003.pth", marker, real)
+    entry, argv = args[case]
+    before = snapshot(run_copy)
+    message = fails(entry.main, argv)
+    assert message == (f"error: {bad}: holds Python objects beyond tensors and plain values (posix.system), and "
+                       "loading it could run code from the file; if you trust its source, list it in "
+                       f"HMSA_TRUST_CHECKPOINT={bad} to load it anyway"), message
+    assert not marker.exists()
+    assert snapshot(run_copy) == before
+    assert not (tmp_path / "runs" / "fresh" / "config.yaml").exists()
+
+
+def test_a_trusted_legacy_file_loads_in_full_when_listed(tmp_path, monkeypatch):
+    from utils.checkpoint import TRUST_VARIABLE, read_checkpoint
+
+    marker = tmp_path / "ran"
+    path = plant(tmp_path / "legacy.pth", marker, {"state_dict": {"w": torch.ones(1)}})
+    monkeypatch.setenv(TRUST_VARIABLE, os.pathsep.join([str(tmp_path / "other.pth"), str(path)]))
+    assert read_checkpoint(str(path))["state_dict"]["w"].item() == 1.0
+    assert marker.exists()  # the user's explicit choice
+
+
+def test_older_checkpoints_and_the_originals_snapshots_load_without_unpickling_objects(tmp_path):
+    """Our checkpoints before the safe loader kept numpy's random state as an array; the original's snapshots hold
+    tensors, numbers and strings. Both load with weights_only."""
+    import random
+
+    import numpy as np
+
+    from utils.checkpoint import read_checkpoint, rng_state, set_rng_state
+
+    older = tmp_path / "older.pth"
+    torch.save({"format": "hmsa", "model": {"w": torch.ones(2)}, "rng": [
+        {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}]}, older)
+    np.random.seed(5)
+    expected = np.random.rand()
+    np.random.seed(5)
+    torch.save({"rng": [rng_state()]}, tmp_path / "new.pth")
+    set_rng_state(read_checkpoint(str(older))["rng"][0])
+    set_rng_state(read_checkpoint(str(tmp_path / "new.pth"))["rng"][0])
+    assert np.random.rand() == expected
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.01, momentum=0.9)
+    original = tmp_path / "cityscapes_ocrnet.HRNet_Mscale_outstanding-turtle.pth"
+    torch.save({"state_dict": {"module.w": torch.ones(2)}, "arch": "network.ocrnet.HRNet_Mscale", "num_classes": 19,
+                "epoch": 175, "optimizer": sgd.state_dict(), "mean_iu": 0.8692, "command": "python train.py ..."},
+               original)
+    assert read_checkpoint(str(original))["arch"] == "network.ocrnet.HRNet_Mscale"

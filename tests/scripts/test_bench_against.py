@@ -95,7 +95,7 @@ def test_gpu_check_stage_budgets_add_up_to_at_most_300_s():
     assert min(budgets.values()) >= 2
 
 
-def run_check(tmp_path, env: dict[str, str] | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
+def run_check(tmp_path, env: dict[str, str] | None = None, timeout: float = 2400) -> subprocess.CompletedProcess:
     out = tmp_path / "gpu.json"
     return subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
@@ -110,7 +110,7 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
     assert list(result["stages"]) == list(STAGES) and result["timed_out"] == []
     for name, stage in result["stages"].items():
         assert stage["result"] == "ok" and 0 <= stage["seconds"] <= stage["limit_s"], (name, stage)
-        assert stage["limit_s"] == 8 * stage_budgets()[name]  # the dry run's budgets
+        assert stage["limit_s"] == 20 * stage_budgets()[name]  # the dry run's budgets
     for name, row in result["data"].items():
         assert row["workers"] == 4  # the recipes' data.num_workers
         assert row["loader_img_per_s"] == pytest.approx(4 * row["per_worker_img_per_s"])

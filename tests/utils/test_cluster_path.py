@@ -130,6 +130,11 @@ def test_nccl_gets_the_device_id_and_the_gpu_check_runs_before_it(monkeypatch):
     monkeypatch.setattr(udist, "exchange", lambda *a: ["h GPU x", "h GPU x"])
     with pytest.raises(DistConfigError, match="ranks 0, 1 share one GPU"):
         udist.init_distributed(device="cuda", timeout=9, environ=env)
+    calls.clear()  # gloo on GPUs (the GPU check's 2 ranks on one device): no device comparison, no device_id
+    udist.init_distributed(device="cuda", timeout=9, environ={**env, "HMSA_DIST_BACKEND": "gloo"})
+    assert calls[-1] == ("init", "gloo", "None", 1) and ("exchange", "h GPU cuda:1") not in calls
+    with pytest.raises(DistConfigError, match="HMSA_DIST_BACKEND='mpi': use gloo, or nccl on CUDA devices"):
+        udist.init_distributed(device="cuda", timeout=9, environ={**env, "HMSA_DIST_BACKEND": "mpi"})
 
 
 def test_a_resumed_optimizer_keeps_the_kernel_chosen_for_this_device():

@@ -225,6 +225,7 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
     env = read_env(environ, local_rank)
     timeout = float(timeout or DEFAULT_TIMEOUT_S)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    backend = choose_backend(use_cuda, os.environ if environ is None else environ)
     dev = torch.device("cpu")
     if use_cuda:
         dev = torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
@@ -245,13 +246,13 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
         store, _, _ = next(dist.rendezvous(f"tcp://{host}:{env.master_port}", env.rank, env.world_size,
                                            timeout=delta))
         store.set_timeout(delta)
-        if use_cuda:
+        if backend == "nccl":  # gloo may put several ranks on one GPU (scripts/gpu_check.sh does)
             shared = shared_devices(exchange(store, env.rank, env.world_size, device_key(dev)))
             if shared:
                 raise DistConfigError(shared)
         # device_id: NCCL binds its communicator to this GPU now instead of guessing it at the first collective.
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=store, rank=env.rank,
-                                world_size=env.world_size, timeout=delta, device_id=dev if use_cuda else None)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=delta,
+                                device_id=dev if backend == "nccl" else None)
     except DistConfigError:
         raise
     except (RuntimeError, ValueError) as e:
@@ -264,6 +265,19 @@ def init_distributed(device: str = "auto", timeout: float | None = None, local_r
             f"(set MASTER_PORT to use another)."
         ) from e
     return info
+
+
+BACKEND_VARIABLE = "HMSA_DIST_BACKEND"  # gloo on GPUs: several ranks on one device, which NCCL refuses
+
+
+def choose_backend(use_cuda: bool, environ: Mapping[str, str]) -> str:
+    """NCCL on GPUs, gloo on the CPU; $HMSA_DIST_BACKEND=gloo runs GPU ranks over gloo (tests on one GPU)."""
+    asked = environ.get(BACKEND_VARIABLE, "")
+    if not asked:
+        return "nccl" if use_cuda else "gloo"
+    if asked not in ("nccl", "gloo") or (asked == "nccl" and not use_cuda):
+        raise DistConfigError(f"{BACKEND_VARIABLE}={asked!r}: use gloo, or nccl on CUDA devices (or leave it unset)")
+    return asked
 
 
 def cuda_index(local_rank: int, visible: int) -> int:
