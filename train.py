@@ -356,7 +356,8 @@ def stop_for_preemption(run: Training, max_iter: int) -> None:
     if run.saved_at != run.state.iteration:
         run.checkpoint()
     run.log.info(f"stopped by a preemption signal at iteration {run.state.iteration}/{max_iter}; exit code "
-                 f"{EXIT_PREEMPTED}: run the same command again (train.sbatch requeues itself) to resume")
+                 f"{EXIT_PREEMPTED}: SLURM or train.sbatch requeues the job; after scancel, run the same command again "
+                 "to resume")
     run.log.close()
     barrier()  # leave together: srun --kill-on-bad-exit ends the others as soon as one task exits 75
     raise SystemExit(EXIT_PREEMPTED)

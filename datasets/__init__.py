@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 from typing import Callable, Iterator
 
 import cv2
@@ -152,12 +153,19 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
     # The stop signals are the main process's to act on (utils/runtime/preempt.py), but SLURM sends them to every
     # process of the step, and torch's SIGTERM handler in a worker re-raises one not sent by the parent: the worker
-    # would die and the main process fail ("DataLoader worker ... killed by signal") before its checkpoint. Ignored,
-    # a worker still ends when the main process stops it or dies (torch's watchdog), and SIGKILL still ends it.
-    # A signal that came while the worker started waits blocked (Loader.__iter__), and setting SIG_IGN drops it.
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # would die and the main process fail ("DataLoader worker ... killed by signal") before its checkpoint. They
+    # stay blocked here (the mask Loader.__iter__ forked the worker with) and one thread takes them: a SIGTERM
+    # from the main process (multiprocessing ends its workers so at exit) ends the worker as torch's handler would,
+    # any other is dropped. The worker still ends when the main process stops it or dies, and on SIGKILL.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in every thread of the worker, so the taker gets them
+    threading.Thread(target=_take_stop_signals, name="stop-signals", daemon=True).start()
+
+
+def _take_stop_signals() -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+            os._exit(0)
 
 
 def _collate(batch: list[dict]) -> dict:

@@ -91,3 +91,46 @@ def test_a_worker_death_after_a_stop_request_does_not_raise_in_the_main_process(
         assert signal.getsignal(signal.SIGCHLD) is torch_like
     finally:
         signal.signal(signal.SIGCHLD, before)
+
+
+WORKERS_AT_EXIT = """
+import sys
+from datasets import build_dataset, build_loader
+from utils.config import DataConfig, SyntheticConfig
+cfg = DataConfig.make(root=sys.argv[1], dataset="synthetic", num_workers=2, batch_size=2,
+                      synthetic=SyntheticConfig(num_train=4, num_val=2, height=32, width=64), crop_size=(32, 32))
+ds = build_dataset(cfg, "train", train=True)
+loader = build_loader(ds, cfg, train=True)
+batches = iter(loader)
+next(batches)
+print("workers", *[w.pid for w in batches.it._workers], flush=True)
+sys.stdin.readline()  # the test sends its own SIGTERMs, then lets this process exit with the iterator alive
+next(batches)
+print("batch after the signals", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_workers_drop_a_stranger_s_sigterm_and_end_with_their_process(tmp_path):
+    """A worker takes SIGTERM from its parent as an order to end (multiprocessing ends its daemons so at exit; a
+    worker that ignored it hung the exit of every process that left an iterator alive, e.g. after a DataError),
+    and drops one from anyone else (slurmstepd signalling every process of the step)."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKERS_AT_EXIT, str(tmp_path / "data")], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("workers "), line + proc.stdout.read()
+        workers = [int(p) for p in line.split()[1:]]
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)  # a stranger's: the test is not their parent
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=120)  # exits: the workers end on their parent's SIGTERM at exit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "batch after the signals" in rest, rest[-3000:]
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+               for pid in workers)
