@@ -65,6 +65,27 @@ def train_rows(run: Path) -> list[int]:
     return [row["iteration"] for row in rows if row["split"] == "train"]
 
 
+def wait_for_rows(cluster: SlurmCluster, job: str, run: Path, out: Path, count: int = 2) -> None:
+    """Until the run has logged `count` training iterations (the job must stay pending or running meanwhile)."""
+    end = time.time() + 180
+    while len(train_rows(run)) < count:
+        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)
+        assert time.time() < end, f"no {count} training iterations after 180 s\n" + fail_text(cluster, out)
+        time.sleep(0.2)
+
+
+def stopped_and_resumed(run: Path, planned: int) -> tuple[re.Match, str]:
+    """The log's stop line (its iteration k, 2 <= k < planned) and the resume line from ckpt_k that must follow."""
+    log = (run / "train.log").read_text()
+    stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", log)
+    assert stopped, log[-3000:]
+    k = int(stopped.group(1))
+    assert 2 <= k < planned
+    resumed = f"resumed from {run}/ckpt_{k:08d}.pth at iteration {k}"
+    assert resumed in log
+    return stopped, resumed
+
+
 def test_train_sbatch_trains_the_demo_with_two_tasks(cluster, data, tmp_path):
     out = tmp_path / "job.out"
     job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
@@ -92,11 +113,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_p
     job = submit(cluster, "train.sbatch", out, "--config", "configs/demo/default.yaml", *TINY,
                  f"data.root={data}", "data.num_workers=2", f"train.max_iter={planned}", "train.ckpt_interval=100",
                  "eval.num_dump=0", f"run.output_dir={tmp_path}/runs", "run.name=preempt")
-    end = time.time() + 180
-    while len(train_rows(run)) < 2:
-        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)
-        assert time.time() < end, "no 2 training iterations after 180 s\n" + fail_text(cluster, out)
-        time.sleep(0.2)
+    wait_for_rows(cluster, job, run, out)
     # what `#SBATCH --signal=B:USR1@300` sends before the time limit
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The job requeues itself; SLURM holds it (the cluster's cred_expire + 1 s, see slurm_cluster.py) until slurmd
@@ -104,12 +121,8 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, data, tmp_p
     info = cluster.wait_job(job, timeout=300)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), fail_text(cluster, out)
 
-    log = (run / "train.log").read_text()
-    stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", log)
-    assert stopped, log[-3000:]
+    stopped, _ = stopped_and_resumed(run, planned)
     k = int(stopped.group(1))
-    assert 2 <= k < planned
-    assert f"resumed from {run}/ckpt_{k:08d}.pth at iteration {k}" in log
     assert train_rows(run) == list(range(1, planned + 1))  # every iteration once: none lost, none run twice
     assert sorted(p.name for p in run.glob("ckpt_*.pth")) == [f"ckpt_{k:08d}.pth", f"ckpt_{planned:08d}.pth"]
     text = out.read_text()

@@ -12,13 +12,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.scripts.test_slurm import ROOT, TINY, TWO_TASKS, fail_text, job_env, train_rows
+from tests.scripts.test_slurm import (ROOT, TINY, TWO_TASKS, fail_text, job_env, stopped_and_resumed, train_rows,
+                                      wait_for_rows)
 from tests.slurm_cluster import missing_binaries
 from tests.slurm_twonode import NODES, SUBNET, TwoNodeCluster, namespace_problem
 
@@ -115,24 +115,15 @@ def test_preemption_warning_reaches_both_nodes_requeues_and_resumes(cluster, dat
     job = submit_two(cluster, out, tmp_path, "--config", "configs/demo/default.yaml", *TINY, f"data.root={data}",
                      f"train.max_iter={planned}", "train.ckpt_interval=100", "eval.num_dump=0",
                      f"run.output_dir={tmp_path}/runs", "run.name=preempt")
-    end = time.time() + 180
-    while len(train_rows(run)) < 2:
-        assert cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), fail_text(cluster, out)
-        assert time.time() < end, "no 2 training iterations after 180 s\n" + fail_text(cluster, out)
-        time.sleep(0.2)
+    wait_for_rows(cluster, job, run, out)
     # what `#SBATCH --signal=B:USR1@300` sends before the time limit: to the batch script on the first node
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     # The job requeues itself and SLURM holds it (cred_expire + 1 s, see tests/slurm_cluster.py) before starting it.
     info = cluster.wait_job(job, timeout=300)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), fail_text(cluster, out)
 
-    log = (run / "train.log").read_text()
-    stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", log)
-    assert stopped, log[-3000:]
+    stopped, resumed = stopped_and_resumed(run, planned)
     k = int(stopped.group(1))
-    assert 2 <= k < planned
-    resumed = f"resumed from {run}/ckpt_{k:08d}.pth at iteration {k}"
-    assert resumed in log
     # the rank on the second node stopped at the same iteration (the ranks agree on the signal) and resumed there
     rank1 = (run / "logs" / "rank1.log").read_text()
     assert stopped.group(0) in rank1 and resumed in rank1, rank1[-3000:]

@@ -12,6 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import network
 from datasets.cityscapes import CLASSES as CITYSCAPES
 from loss import build_criterion
+from scripts.bench_memory import measure_train
 from train import build_optimizer
 from utils.config import ConfigError, load_config
 from utils.engine import evaluate
@@ -30,7 +31,6 @@ from utils.inference.memory import (
     trace_forward,
 )
 from utils.inference.multiscale import UNCONSTRAINED, MultiScalePass, Schedule, ScheduledPass
-from utils.runtime.precision import autocast
 
 CPU = torch.device("cpu")
 K = 5
@@ -233,30 +233,9 @@ def test_train_check_refuses_with_predicted_available_and_what_fits(demo):
     assert check_train_memory(cfg, CPU, *builders(cfg)) is None  # a CPU without a budget is not checked
 
 
-def measure_train(cfg, step):
-    """Measured peak bytes of two real training steps on the CPU (weights, batch and state included)."""
-    torch.manual_seed(0)
-    build_model, build_opt, criterion = builders(cfg)
-    model = build_model().train()
-    optimizer = build_opt(model)
-    images = torch.randn(step.batch, 3, *step.crop)
-    target = torch.randint(0, K, (step.batch, *step.crop))
-    static = tensor_bytes(model) + images.numel() * 4 + target.numel() * 8
-    with PeakMemory(CPU) as mem:
-        for _ in range(2):
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(step.precision, CPU):
-                outputs = model(images)
-            total, _terms = criterion(outputs, target)
-            total.backward()
-            optimizer.step()
-            del outputs, total, _terms
-    return static + mem.peak
-
-
 @pytest.mark.slow
 def test_predicted_train_peak_is_within_10_percent_of_the_measured_count(demo):
     cfg, _ = demo
     step = TrainStep(2, (64, 64), "fp32")
-    predicted, measured = predict_train_peak(*builders(cfg), step), measure_train(cfg, step)
+    predicted, measured = predict_train_peak(*builders(cfg), step), measure_train(cfg, K, step, CPU)
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
