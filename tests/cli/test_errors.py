@@ -439,7 +439,7 @@ def test_a_planted_pickle_in_any_loaded_file_runs_nothing(case, run_copy, data, 
     entry, argv = args[case]
     before = snapshot(run_copy)
     message = fails(entry.main, argv)
-    assert message == (f"error: {bad}: holds Python objects beyond tensors and plain values (posix.system), and "
+    assert message == (f"{bad}: holds Python objects beyond tensors and plain values (posix.system), and "
                        "loading it could run code from the file; if you trust its source, list it in "
                        f"HMSA_TRUST_CHECKPOINT={bad} to load it anyway"), message
     assert not marker.exists()
