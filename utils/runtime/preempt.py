@@ -9,7 +9,8 @@ Which signal comes, and to which processes (docs/distributed.md, section Preempt
   SIGKILL after KillWait. srun turns a SIGTERM it receives into SIGKILL of its tasks while the job still runs, so
   the batch script never forwards TERM.
 Both set the flag. The handler only sets it: the checkpoint is written by the training loop between two steps.
-Data-loader workers ignore both signals (datasets._seed_worker): torch's worker handler would die of SIGTERM.
+Data-loader workers take both signals on a thread of their own (datasets._seed_worker): only a SIGTERM from their
+main process ends them; torch's worker handler would die of any SIGTERM.
 """
 from __future__ import annotations
 
