@@ -25,7 +25,9 @@ run resumes in the same folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 from dataclasses import replace
@@ -43,10 +45,11 @@ from datasets.folder import class_info
 from datasets.base import DataError
 from transforms import build_transforms
 from utils.checkpoint import CheckpointError, checkpoint_paths, load_checkpoint
-from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
+from utils.cli import CliError, debug_enabled, load_and_start, one_line_errors, run_cli
 from utils.config import Config, ConfigError, to_dict
 from utils.engine import evaluate
 from utils.files import atomic_write_text
+from utils.folders import claim_folder, claim_new_folder, decided_by_main, is_run_folder, read_results
 from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
 from utils.evaluation.metrics import (
     compute_metrics,
@@ -58,11 +61,13 @@ from utils.evaluation.metrics import (
 )
 from utils.evaluation.results_page import write_results_page
 from utils.inference import Inference, has_attention
+from utils.inference.memory import check_eval_memory, largest_input_size
 from utils.inference.video import VideoReader, annotate_video
-from utils.log import Progress, RunLogger
-from utils.runtime.dist import DistConfigError, DistributedError, all_gather_objects, barrier, broadcast_object, cleanup
+from utils.log import Progress, run_logging
+from utils.runtime.dist import DistConfigError, DistributedError, all_gather_objects, barrier, cleanup
 from utils.runtime.layout import place_model
 
+log = logging.getLogger("eval")
 TB_MAX_IMAGES = 16  # dumped images whose pictures also go to TensorBoard (the rest stay PNG files only)
 TB_KINDS = ("overlay", "error", "conf")  # plus every attn_{s}x
 
@@ -113,27 +118,28 @@ def run_label(args: argparse.Namespace, cfg: Config) -> str:
     return "_".join(parts)
 
 
-def output_dir(args: argparse.Namespace, cfg: Config, run_dir: str, labelled: bool) -> str:
-    """--out, or a new folder of the run's eval.dump_dir per evaluation (never one that holds finished results)."""
-    if args.out:
-        previous = os.path.join(args.out, "results.json")
-        if os.path.isfile(previous):
-            try:
-                with open(previous) as f:
-                    old = json.load(f)
-            except (OSError, ValueError):
-                old = {}
-            if old.get("written_by") == "train.py" or ("miou" in old and not labelled):
-                raise CliError(f"--out {args.out} holds the results of "
-                               f"{'a training run' if old.get('written_by') == 'train.py' else 'a labelled split'} "
-                               "(results.json): choose another --out, or leave it out for a new folder in the run")
-        return args.out
-    base = os.path.join(run_dir, cfg.eval.dump_dir, run_label(args, cfg))
-    path, n = base, 1
-    while os.path.exists(os.path.join(path, "results.json")):
-        n += 1
-        path = f"{base}_{n}"
-    return path
+def output_dir(args: argparse.Namespace, cfg: Config, run_dir: str, labelled: bool, weights: str,
+               folders: contextlib.ExitStack) -> str:
+    """--out, checked and locked, or a new folder of the run's eval.dump_dir per evaluation (never one that holds
+    finished results or another evaluation at work); held until `folders` closes."""
+    if not args.out:
+        return claim_new_folder(os.path.join(run_dir, cfg.eval.dump_dir, run_label(args, cfg)), folders)
+    if is_run_folder(args.out):
+        raise CliError(f"--out {args.out} is a training run's folder: the results would mix with its files; choose "
+                       "another --out, or leave it out for a new folder under the run's eval.dump_dir")
+    old = read_results(args.out)
+    if old is not None:
+        source = args.folder or f"{cfg.data.dataset}/{args.split or cfg.data.val_split}"
+        same = (old.get("checkpoint"), old.get("source"), old.get("config", {}).get("eval")) == \
+            (weights, source, json.loads(json.dumps(to_dict(cfg.eval))))
+        if old.get("written_by") == "train.py" or ("miou" in old and not labelled) or not same:
+            what = ("a training run" if old.get("written_by") == "train.py" else "a labelled split"
+                    if "miou" in old and not labelled else f"another evaluation ({old.get('checkpoint')} on "
+                    f"{old.get('source')}, other settings)")
+            raise CliError(f"--out {args.out} holds the results of {what} (results.json): choose another --out, or "
+                           "leave it out for a new folder in the run")
+    claim_folder(args.out, "--out", "evaluates", folders)
+    return args.out
 
 
 def find_weights(args: argparse.Namespace, run_dir: str, snapshot: str) -> str:
@@ -189,8 +195,16 @@ def label_writer(args: argparse.Namespace, dataset, out_dir: str) -> LabelIdWrit
     return LabelIdWriter(folder, lut, with_prob=args.autolabel, stems=stems)
 
 
-def log_images(writer: Any, images: list[dict], step: int = 0) -> None:
-    """The first TB_MAX_IMAGES dumped images' overlay, error, confidence and attention pictures to TensorBoard."""
+def log_images(out_dir: str, images: list[dict], step: int = 0) -> None:
+    """The first TB_MAX_IMAGES dumped images' overlay, error, confidence and attention pictures to TensorBoard
+    (out_dir/tb)."""
+    from torch.utils.tensorboard import SummaryWriter  # slow to import: only where pictures were dumped
+
+    with SummaryWriter(os.path.join(out_dir, "tb")) as writer:
+        _add_images(writer, images, step)
+
+
+def _add_images(writer: Any, images: list[dict], step: int) -> None:
     for entry in images[:TB_MAX_IMAGES]:
         for kind, path in entry["files"].items():
             if kind in TB_KINDS or kind.startswith("attn_"):
@@ -201,12 +215,12 @@ def log_images(writer: Any, images: list[dict], step: int = 0) -> None:
                                  dataformats="HWC")
 
 
-def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out_dir: str, log: RunLogger) -> dict:
+def run_video(cfg: Config, args: argparse.Namespace, model, classes, device, out_dir: str) -> dict:
     reader = VideoReader(args.video)
     stem = os.path.splitext(os.path.basename(args.video))[0]
     out_path = args.video_out or os.path.join(out_dir, f"{stem}_seg.mp4")
     if cfg.eval.video_attention and (len(cfg.eval.scales) < 2 or not has_attention(model)):
-        log.warn(f"eval.video_attention: no attention map to show (a model with scale attention shows one per scale "
+        log.warning(f"eval.video_attention: no attention map to show (a model with scale attention shows one per scale "
                  f"below the top one of eval.scales, {list(cfg.eval.scales)}); the video has the overlay only")
     frames = annotate_video(
         model, reader, out_path, build_transforms(cfg.data, False, classes.ignore_index), classes.palette, device,
@@ -221,12 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
     with one_line_errors(args.debug or debug_enabled(), EXPECTED_ERRORS):
         cfg, dist = load_and_start(args)
         try:
-            return run(args, cfg, dist)
+            with contextlib.ExitStack() as folders:  # the output folder's writer lock and log, held to the end
+                return run(args, cfg, dist, folders)
         finally:
             cleanup()
 
 
-def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
+def run(args: argparse.Namespace, cfg: Config, dist, folders: contextlib.ExitStack) -> dict:
     if args.video and dist.distributed:
         raise CliError("--video runs in one process; start it without torchrun")
     run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
@@ -239,25 +254,27 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     labelled = bool(getattr(dataset, "has_labels", False))
     if cfg.eval.dump == "worst" and not labelled:
         raise CliError("config error: eval.dump=worst ranks images by IoU and needs a labelled split")
-    out_dir = broadcast_object(output_dir(args, cfg, run_dir, labelled) if dist.is_main else None)
     model = network.build_model(cfg.model.name, dataset.num_classes, **cfg.model.options)
     report = load_checkpoint(model, weights, strict=True)
-    if dist.is_main:  # created only once the inputs are known to be good
-        ensure_writable_dir(out_dir, "--out")
+    # Scales the device cannot hold stop here, before the output folder is made and before the first image.
+    plan = None if args.video else check_eval_memory(
+        cfg, dist.device, model, largest_input_size((s.image for s in getattr(dataset, "samples", [])), cfg.data),
+        labelled, dumps=cfg.eval.dump != "none")
+    # Created only once the inputs are known to be good.
+    out_dir = decided_by_main(dist, lambda: output_dir(args, cfg, run_dir, labelled, weights, folders))
     writer = label_writer(args, dataset, out_dir)
     how = Inference.from_config(cfg)
     combos = how.sweep(model)
-    place_model(model, dist.device, cfg.run.channels_last, cfg.run.host_memory == "retain")
+    place_model(model, dist.device, cfg.run.channels_last)
 
-    log = RunLogger(out_dir, enabled=dist.is_main)
-    log.capture_modules()
+    folders.enter_context(run_logging(out_dir, dist.is_main, log_name="eval.log"))
     log.info(report.summary())
+    if plan:
+        log.info(plan)
     if not has_attention(model) and cfg.eval.fusion == "attention" and len(cfg.eval.scales) > 1:
         log.info(f"{cfg.model.name} has no scale attention: its scales are averaged (eval.fusion=average)")
     if args.video:
-        summary = run_video(cfg, args, model, dataset, dist.device, out_dir, log)
-        log.close()
-        return summary
+        return run_video(cfg, args, model, dataset, dist.device, out_dir)
 
     # Resume skips finished images on unlabelled data only: on a labelled split every image is evaluated, so that
     # the metrics cover the split (existing label-id files are still not rewritten).
@@ -273,7 +290,11 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
     source = args.folder or f"{cfg.data.dataset}/{args.split or cfg.data.val_split}"
     setting = f"scales {list(e.scales)}, fusion {result.sweep[0][0].fusion}{' + flip' if e.flip else ''}"
     summary: dict[str, Any] = {"checkpoint": weights, "source": source, "scales": list(e.scales),
-                               "fusion": result.sweep[0][0].fusion, "flip": e.flip, "images": result.images_seen}
+                               "fusion": result.sweep[0][0].fusion, "flip": e.flip, "images": result.images_seen,
+                               "images_skipped": result.images_skipped}
+    if result.images_skipped:
+        log.warning(f"{result.images_skipped} unreadable image(s) left out of the evaluation (data.skip_bad=true): "
+                    f"the results cover {result.images_seen} image(s)")
     metrics = None
     if labelled:
         metrics = compute_metrics(result.hist, dataset.class_names)
@@ -298,11 +319,10 @@ def run(args: argparse.Namespace, cfg: Config, dist) -> dict:
         if result.images:
             page = write_results_page(os.path.join(out_dir, "index.html"), f"{source}: {setting}", result.images,
                                       metrics, sweep)
-            log_images(log.writer, result.images)
+            log_images(out_dir, result.images)
             log.info(f"{len(result.images)} images dumped; results page {page}")
         atomic_write_text(os.path.join(out_dir, "results.json"),
                           json.dumps({**summary, "written_by": "eval.py", "config": to_dict(cfg)}, indent=1))
-    log.close()
     summary["out"] = out_dir
     return summary
 

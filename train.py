@@ -3,12 +3,15 @@
 With no arguments it runs the embedded demo: it generates a small synthetic Cityscapes-layout dataset, trains
 the multi-scale attention model on the CPU, evaluates it with scales 0.5, 1.0, 2.0 and writes the results.
 Under torchrun or srun (one task per GPU) it trains data-parallel; see docs/distributed.md.
-On SIGUSR1 or SIGTERM it checkpoints at the next step and exits with code 75 (the sbatch script requeues it).
+On SIGUSR1, SIGTERM or Ctrl-C it checkpoints at the next step and exits with code 75 (the sbatch script requeues
+it); a second Ctrl-C stops at once.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -47,13 +50,14 @@ from utils.checkpoint import (
     set_rng_state,
 )
 from utils.cli import CliError, debug_enabled, ensure_writable_dir, load_and_start, one_line_errors, run_cli
-from utils.config import Config, ConfigError, to_dict, to_yaml, training_differences
+from utils.config import Config, ConfigError, to_dict, to_yaml, training_differences, unknown_keys
 from utils.engine import TrainBatches, TrainState, evaluate, poly_lambda, reduce_scalars, train_step
 from utils.files import atomic_write_text
+from utils.folders import claim_run_folder
 from utils.evaluation.metrics import compute_metrics, format_table
 from utils.inference import Inference
-from utils.inference.memory import check_train_memory
-from utils.log import Progress, RunLogger
+from utils.inference.memory import check_eval_memory, check_train_memory, largest_input_size
+from utils.log import MetricsWriter, Progress, run_logging
 from utils.runtime.dist import (
     DistConfigError,
     DistInfo,
@@ -64,6 +68,7 @@ from utils.runtime.dist import (
     cleanup,
     collective_errors,
 )
+from utils.runtime.cpu_tuning import tune_for_cpu
 from utils.runtime.layout import place_model as place_on_device
 from utils.runtime.precision import grad_scaler
 from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
@@ -84,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # Expected failures: each becomes one line `error: ...` and exit code 2 (utils/cli.py).
 EXPECTED_ERRORS = (ConfigError, CheckpointError, DataError, DistConfigError, DistributedError, FloatingPointError,
                    ValueError)
-PREEMPT_CHECK_STEPS = 10  # at most this many steps between two agreements on a preemption signal
+log = logging.getLogger("train")
+PREEMPT_CHECK_STEPS = 10
+RESUMABLE = {"model", "optimizer", "scheduler", "state", "rng"}  # what a resume restores (Training.payload)  # at most this many steps between two agreements on a preemption signal
 
 
 def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
@@ -98,7 +105,7 @@ def step_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)  # numpy takes 32 bits; a resumed rank's seed adds 100003 per iteration
     torch.manual_seed(seed)
 
 
@@ -154,7 +161,18 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
         return None
     else:
         path, ckpt = args.resume, read_checkpoint(args.resume)
-    differ = training_differences(ckpt["config"], cfg) if isinstance(ckpt.get("config"), dict) else []
+    if not RESUMABLE <= set(ckpt):
+        raise CliError(f"--resume {path}: not a checkpoint of a training run (it holds "
+                       f"{', '.join(sorted(map(str, ckpt))[:6]) or 'nothing'}; weights only, as the original's "
+                       "snapshots): --resume continues a run from one of its ckpt_*.pth; to start a new run from "
+                       f"these weights, use model.snapshot={path}")
+    saved_config = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+    unknown = unknown_keys(saved_config)
+    if unknown and not args.force_resume:
+        raise CliError(f"refusing to resume {path}: its config has settings this version does not know "
+                       f"({', '.join(unknown[:8])}): it was written by a newer version (update this one), or an older "
+                       "one whose settings were removed since; --force-resume continues without them")
+    differ = training_differences(saved_config, cfg) if saved_config else []
     now = BatchLayout(cfg.data.batch_size, cfg.train.accum_steps, dist.world_size)
     refusal = layout_refusal(path, saved_layout(ckpt), now)
     if refusal is None:  # another split of the same global batch: the same run
@@ -164,28 +182,27 @@ def resume_source(args: argparse.Namespace, cfg: Config, run_dir: str, dist: Dis
     if differ and not args.force_resume:
         raise CliError(
             f"refusing to resume {path}: training settings differ from the run's: " + "; ".join(differ)
-            + " (evaluation settings eval.*, run.name, run.output_dir and run.channels_last do not count; use --force-resume "
-            "to continue anyway, or another run.name for a new run)"
+            + " (evaluation settings eval.*, run.name, run.output_dir, run.channels_last and run.cpu_tuning do not "
+            "count; use --force-resume to continue anyway, or another run.name for a new run)"
         )
     return path, ckpt
 
 
-def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo, log: RunLogger,
-            run_dir: str) -> TrainState:
+def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo, run_dir: str) -> TrainState:
     """Load optimizer, scheduler, grad scaler and data position (`parts`, in that order) and the random streams
     from the checkpoint; returns the progress to continue from."""
     path, ckpt = resume
     for part, key in zip(parts, ("optimizer", "scheduler", "scaler", "state")):
         if key == "scaler" and part.is_enabled() and not ckpt[key]:
             # saved by a run without loss scaling (fp32/bf16), resumed in fp16 with --force-resume
-            log.warn(f"{path} holds no loss-scaler state (saved without fp16): the fp16 loss scale starts afresh")
+            log.warning(f"{path} holds no loss-scaler state (saved without fp16): the fp16 loss scale starts afresh")
             continue
         if key == "optimizer":
             load_optimizer_state(part, ckpt[key])
         else:
             part.load_state_dict(ckpt[key])
     state = TrainState(**{k: v for k, v in ckpt["state"].items() if k in TrainState.__dataclass_fields__})
-    restore_rng(ckpt, cfg, dist, log)
+    restore_rng(ckpt, cfg, dist)
     log.info(f"resumed from {path} at iteration {state.iteration}")
     # A validation after the last checkpoint may have saved a better best.pth: its record wins, so that a worse
     # model never replaces it.
@@ -196,7 +213,7 @@ def restore(resume: tuple[str, dict], parts: tuple, cfg: Config, dist: DistInfo,
     return state
 
 
-def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo, log: RunLogger) -> None:
+def restore_rng(ckpt: dict, cfg: Config, dist: DistInfo) -> None:
     """Each rank continues its own random streams; a run resumed on another process count cannot."""
     saved = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
     if len(saved) != dist.world_size:
@@ -214,7 +231,6 @@ def prepare_output(run_dir: str, dump_dir: str, dist: DistInfo) -> list[str]:
     checkpoint or the final dump; remove temporary files of killed checkpoint writes. Returns warnings to log."""
     if not dist.is_main:
         return []
-    ensure_writable_dir(run_dir, "run.output_dir / run.name")
     ensure_writable_dir(dump_dir, "eval.dump_dir")
     return [f"removed {p}, left by an interrupted checkpoint write" for p in remove_orphaned_temps(run_dir)]
 
@@ -223,7 +239,9 @@ def place_model(net: torch.nn.Module, cfg: Config, dist: DistInfo) -> tuple[torc
     """(the module itself, for checkpoints and evaluation; what a training step calls: DDP / compiled)."""
     # Fixed crop sizes: let cuDNN pick the fastest kernels once (as the original did).
     torch.backends.cudnn.benchmark = dist.device.type == "cuda"
-    place_on_device(net, dist.device, cfg.run.channels_last, cfg.run.host_memory == "retain")
+    place_on_device(net, dist.device, cfg.run.channels_last)
+    if cfg.run.cpu_tuning:
+        log.info(tune_for_cpu(net, dist.device))
     model: torch.nn.Module = net
     if dist.distributed:
         if cfg.model.norm == "syncbn":
@@ -263,7 +281,7 @@ class Training:
     state: TrainState
     run_dir: str
     dist: DistInfo
-    log: RunLogger
+    metrics: MetricsWriter
     saved_at: int  # the iteration of the last checkpoint (-1: none in this process)
 
     def payload(self) -> dict | None:
@@ -285,7 +303,7 @@ class Training:
     def checkpoint(self) -> None:
         content = self.payload()
         if self.dist.is_main:
-            self.log.info(f"checkpoint {save_run_checkpoint(self.run_dir, self.state.iteration, content)}")
+            log.info(f"checkpoint {save_run_checkpoint(self.run_dir, self.state.iteration, content)}")
         barrier()  # nobody moves on (or exits) before the file is complete
         self.saved_at = self.state.iteration
 
@@ -295,7 +313,7 @@ class Training:
         content = self.payload()
         if self.dist.is_main:
             content["best"] = {"miou": miou, "iteration": self.state.iteration, "epoch": self.batches.epoch}
-            self.log.info(f"best mIoU {100 * miou:.2f} at iteration {self.state.iteration}: "
+            log.info(f"best mIoU {100 * miou:.2f} at iteration {self.state.iteration}: "
                           f"{save_best(self.run_dir, content)}")
         barrier()
 
@@ -322,30 +340,33 @@ def validate(run: Training, v: Validation, preempt: Preemption, final: bool) -> 
     )
     it = run.state.iteration
     if result.stopped:
-        run.log.info(f"validation at iteration {it} interrupted by a preemption signal")
+        log.info(f"validation at iteration {it} interrupted by a preemption signal")
         return None
+    if result.images_skipped:
+        log.warning(f"validation at iteration {it}: {result.images_skipped} unreadable image(s) left out "
+                    "(data.skip_bad=true)")
     metrics = compute_metrics(result.hist, v.dataset.class_names)
     metrics["loss"] = result.loss
-    run.log.scalars("val", it, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
-    run.log.info(f"validation at iteration {it} (epoch {run.batches.epoch}), scales {list(e.scales)}"
+    run.metrics.scalars("val", it, {k: metrics[k] for k in ("miou", "acc", "acc_cls", "fwavacc", "loss")})
+    log.info(f"validation at iteration {it} (epoch {run.batches.epoch}), scales {list(e.scales)}"
                  f"{' + flip' if e.flip else ''}:\n" + format_table(metrics))
     if metrics["miou"] > run.state.best_miou:
         run.save_best(metrics["miou"])
-    run.log.info(f"best so far: mIoU {100 * run.state.best_miou:.2f} at iteration {run.state.best_iteration}")
+    log.info(f"best so far: mIoU {100 * run.state.best_miou:.2f} at iteration {run.state.best_iteration}")
     return metrics
 
 
 MIN_LOSS_SCALE = 1.0  # fp16: a scale halved below this by step after step means the loss itself diverged
 
 
-def check_finite(values: dict[str, float], bad: int, it: int, world: int, log: RunLogger) -> None:
+def check_finite(values: dict[str, float], bad: int, it: int, world: int) -> None:
     """A logging step whose loss was not finite on `bad` of `world` ranks (the same answer on every rank). Under
     fp16 the loss scaler skipped that step on every rank (DDP shared the overflowed gradients): logged, not fatal,
     until the scale collapses. Otherwise every rank stops."""
     where = f"iteration {it} on {bad} of {world} process(es)"
     scale = values.get("loss_scale")
     if scale is not None and scale >= MIN_LOSS_SCALE:
-        log.warn(f"non-finite loss at {where}: the fp16 loss scaler skipped the step (scale now {scale:g})")
+        log.warning(f"non-finite loss at {where}: the fp16 loss scaler skipped the step (scale now {scale:g})")
         return
     raise FloatingPointError(f"non-finite loss at {where}: {values} (lower train.lr, or use run.precision=fp32; "
                              "the last checkpoint is kept)")
@@ -355,10 +376,9 @@ def stop_for_preemption(run: Training, max_iter: int) -> None:
     """Checkpoint (unless this iteration has one), then leave with the requeue exit code, all ranks together."""
     if run.saved_at != run.state.iteration:
         run.checkpoint()
-    run.log.info(f"stopped by a preemption signal at iteration {run.state.iteration}/{max_iter}; exit code "
+    log.info(f"stopped by a preemption signal at iteration {run.state.iteration}/{max_iter}; exit code "
                  f"{EXIT_PREEMPTED}: SLURM or train.sbatch requeues the job; after scancel, run the same command again "
                  "to resume")
-    run.log.close()
     barrier()  # leave together: srun --kill-on-bad-exit ends the others as soon as one task exits 75
     raise SystemExit(EXIT_PREEMPTED)
 
@@ -369,13 +389,15 @@ def main(argv: list[str] | None = None) -> dict:
         cfg, dist = load_and_start(args)
         run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
         try:
-            with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"):
-                return train(args, cfg, dist, run_dir, preempt)
+            with Preemption(rank=dist.rank) as preempt, collective_errors(dist, f"{run_dir}/logs/rank*.log"), \
+                    claim_run_folder(run_dir, dist), contextlib.ExitStack() as outputs:
+                return train(args, cfg, dist, run_dir, preempt, outputs)
         finally:
             cleanup()
 
 
-def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption) -> dict:
+def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, preempt: Preemption,
+          outputs: contextlib.ExitStack) -> dict:
     seed_everything(cfg.train.seed + dist.rank)
     dump_dir = os.path.join(run_dir, cfg.eval.dump_dir)
     notices = prepare_output(run_dir, dump_dir, dist)
@@ -407,11 +429,12 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     if resume is not None:
         load_state_dict_checked(net, resume[1]["model"], resume[0], strict=True)
     # The run's files are touched only now: a refused resume, bad data or weights that do not fit change nothing.
-    log = RunLogger(run_dir, enabled=dist.is_main, rank=dist.rank if dist.distributed else None,
-                    resume_iteration=resume[1]["state"]["iteration"] if resume else None)
-    log.capture_modules()  # the data pipeline's warnings go to train.log and stderr too
+    # Until the end of main: the console, train.log and rank logs (every package's logger), metrics.jsonl and tb/.
+    outputs.enter_context(run_logging(run_dir, dist.is_main, dist.rank if dist.distributed else None))
+    metrics_writer = outputs.enter_context(
+        MetricsWriter(run_dir, dist.is_main, resume_iteration=resume[1]["state"]["iteration"] if resume else 0))
     for message in notices:
-        log.warn(message)
+        log.warning(message)
     log.info(f"run folder {run_dir}; {dist.world_size} process(es) on {dist.device} (launcher: {dist.launcher})"
              + (f"; this is rank {dist.rank} on {socket.gethostname()}" if dist.distributed else ""))
     for report in reports:
@@ -423,6 +446,10 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
                               lambda m: build_optimizer(cfg, m), criterion, dist.world_size)
     if fits:
         log.info(fits)
+    # Evaluation settings the device cannot hold (eval.scales) stop here, not after the training.
+    dumps = cfg.eval.dump != "none" and (cfg.eval.dump == "all" or cfg.eval.num_dump > 0)
+    log.info(check_eval_memory(cfg, dist.device, net, largest_input_size((s.image for s in val_set.samples), cfg.data),
+                               dumps=dumps, training=True))
     net, model = place_model(net, cfg, dist)
 
     inference = replace(Inference.from_config(cfg), sweep_sets=())  # validation: the evaluated setting only
@@ -433,14 +460,13 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
     scaler = grad_scaler(cfg.run.precision, dist.device)
     state = TrainState()
     if resume is not None:
-        state = restore(resume, (optimizer, scheduler, scaler, batches), cfg, dist, log, run_dir)
+        state = restore(resume, (optimizer, scheduler, scaler, batches), cfg, dist, run_dir)
     saved_at = state.iteration if resume is not None else -1
     # Written only now: a refused resume or a failed weight load leaves the run's config as it was.
     if dist.is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
+        atomic_write_text(os.path.join(run_dir, "config.yaml"), to_yaml(cfg))
 
-    run = Training(cfg, net, optimizer, scheduler, scaler, batches, state, run_dir, dist, log, saved_at)
+    run = Training(cfg, net, optimizer, scheduler, scaler, batches, state, run_dir, dist, metrics_writer, saved_at)
     validation = Validation(val_loader, val_set, inference, dump_dir)
 
     # The loop. Scalars stay on the device except at logging steps; ranks agree on a preemption signal at those
@@ -462,9 +488,9 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
             if scaler.is_enabled():  # fp16: halved at each step whose gradients overflowed (a skipped step)
                 values["loss_scale"] = scaler.get_scale()
             if bad:
-                check_finite(values, bad, it, dist.world_size, log)
+                check_finite(values, bad, it, dist.world_size)
             progress.update(it, {**values, "epoch": epoch})
-            log.scalars("train", it, values)
+            metrics_writer.scalars("train", it, values)
         if epoch_ended and not per_iter:
             step_schedule(scheduler)  # the original's per-epoch poly step
         val_epochs = cfg.train.val_epochs
@@ -493,7 +519,6 @@ def train(args: argparse.Namespace, cfg: Config, dist: DistInfo, run_dir: str, p
         log.info(f"last: mIoU {100 * metrics['miou']:.2f} at iteration {state.iteration}; best: mIoU "
                  f"{100 * state.best_miou:.2f} at iteration {state.best_iteration} "
                  f"({os.path.join(run_dir, 'best.pth')}); results in {dump_dir}")
-    log.close()
     return metrics
 
 

@@ -152,11 +152,12 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed % 2**32)
     random.seed(seed)
     # The stop signals are the main process's to act on (utils/runtime/preempt.py), but SLURM sends them to every
-    # process of the step, and torch's SIGTERM handler in a worker re-raises one not sent by the parent: the worker
-    # would die and the main process fail ("DataLoader worker ... killed by signal") before its checkpoint. They
-    # stay blocked here (the mask Loader.__iter__ forked the worker with) and one thread takes them: a SIGTERM
-    # from the main process (multiprocessing ends its workers so at exit) ends the worker as torch's handler would,
-    # any other is dropped. The worker still ends when the main process stops it or dies, and on SIGKILL.
+    # process of the step (a terminal sends Ctrl-C's SIGINT to every process of the job alike), and torch's
+    # handlers in a worker die of them (SIGTERM not sent by the parent; SIGINT ends its loop): the main process
+    # would fail ("DataLoader worker ... killed by signal") before its checkpoint. They stay blocked here (the mask
+    # Loader.__iter__ forked the worker with) and one thread takes them: a SIGTERM from the main process
+    # (multiprocessing ends its workers so at exit) ends the worker as torch's handler would, any other is
+    # dropped. The worker still ends when the main process stops it or dies, and on SIGKILL.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # in every thread of the worker, so the taker gets them
     threading.Thread(target=_take_stop_signals, name="stop-signals", daemon=True).start()
 

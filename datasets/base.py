@@ -7,8 +7,10 @@ sample's augmentation is a pure function of (run seed, epoch, position), whateve
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -35,27 +37,138 @@ class DataNotFoundError(DataError, FileNotFoundError):
 
 # ----------------------------------------------------------------------------------------------- reading
 
+OPENCV_LIMIT_VARIABLE = "OPENCV_IO_MAX_IMAGE_PIXELS"  # OpenCV refuses images with more pixels (default 2**30)
+_DECODE_FLAGS = {"image": cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION, "mask": cv2.IMREAD_UNCHANGED}
+
+
+def not_a_file(path: str, kind: str) -> str | None:
+    """Why `path` cannot hold an image or mask (`kind`): a folder, a broken symbolic link, nothing; None for a file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return f"{kind} path is a folder, not a file: {path} (move the folder away)"
+    if os.path.islink(path):
+        return f"{kind} file is a broken symbolic link: {path} -> {os.readlink(path)} (restore its target or remove it)"
+    return f"{kind} file not found: {path}"
+
+
+def check_listed(samples: Sequence["Sample"], description: str) -> None:
+    """Raise DataError when a listed image or mask is not a file (a folder named like one, a broken symbolic link):
+    found when the dataset is listed, not when training reaches it."""
+    bad = [why for s in samples for path, kind in ((s.image, "image"), (s.mask, "mask"))
+           if path is not None and (why := not_a_file(path, kind)) is not None]
+    if bad:
+        more = f"; ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{description}: {len(bad)} listed file(s) cannot be read: " + "; ".join(bad[:5]) + more)
+
+
+def _read_bytes(path: str, kind: str) -> bytes:
+    """The encoded bytes of `path`; DataError when it is missing, not a file or not readable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError as e:  # an error of the file's permissions, not of its content
+        raise DataError(f"cannot read {path}: {e.strerror} (check the permissions of the file and its folders)") from e
+    except OSError as e:
+        raise DataError(not_a_file(path, kind) or f"cannot read {path}: {e.strerror}") from e
+
+
+def _png_header(data: bytes) -> tuple[tuple[int, int] | None, bool]:
+    """((width, height) from IHDR or None, whether the IEND chunk is reached), walking the chunks."""
+    size, pos = None, 8
+    while pos + 8 <= len(data):
+        length, chunk = struct.unpack_from(">I4s", data, pos)
+        if chunk == b"IHDR" and pos + 16 <= len(data):
+            size = struct.unpack_from(">II", data, pos + 8)
+        elif chunk == b"IEND":
+            return size, True
+        pos += 12 + length
+    return size, False
+
+
+_JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (the three taken out are not)
+
+
+def _jpeg_header(data: bytes) -> tuple[tuple[int, int] | None, bool]:
+    """((width, height) from the frame header or None, whether the end-of-image marker follows the first scan)."""
+    size, pos = None, 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return size, True  # no marker where one belongs: corrupt rather than cut short, the decoder judges
+        marker = data[pos + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # fill byte, markers without a length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker in _JPEG_SOF and pos + 9 <= len(data):
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            size = (width, height)
+        if marker == 0xDA:  # the scan's data stuffs every 0xFF with 0x00: its only 0xFFD9 is the end marker
+            return size, data.find(b"\xff\xd9", pos + 2 + length) >= 0
+        pos += 2 + length  # APPn segments (EXIF thumbnails with their own end marker included) are skipped
+    return size, False
+
+
+def _header(data: bytes) -> tuple[str, tuple[int, int] | None, bool]:
+    """(format, declared (width, height), whether the file reaches its end marker) of a PNG or JPEG; other formats
+    give ("", None, True): their decoder alone judges them."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ("PNG", *_png_header(data))
+    if data.startswith(b"\xff\xd8"):
+        return ("JPEG", *_jpeg_header(data))
+    return "", None, True
+
+
+def _too_large(size: tuple[int, int] | None) -> str:
+    """Why OpenCV refused an image over its pixel limit, and how to raise that limit."""
+    limit = os.environ.get(OPENCV_LIMIT_VARIABLE) or f"{1 << 30} (its default)"
+    if size is None:
+        return f"more pixels than OpenCV's limit of {limit}; raise it with the environment variable " \
+               f"{OPENCV_LIMIT_VARIABLE}=<pixels>"
+    pixels = size[0] * size[1]
+    return f"{size[0]}x{size[1]} = {pixels} pixels, more than OpenCV's limit of {limit}; raise it with the " \
+           f"environment variable {OPENCV_LIMIT_VARIABLE}={pixels}"
+
+
+def _encoded(path: str, kind: str) -> tuple[bytes, tuple[int, int] | None]:
+    """The bytes of `path` and its declared (width, height) if known; DataError when the file is not readable or
+    is truncated (OpenCV would fill a JPEG's missing rows with grey and say nothing)."""
+    data = _read_bytes(path, kind)
+    fmt, size, complete = _header(data)
+    if not complete:
+        raise DataError(f"cannot decode {kind} (truncated file: its {fmt} data ends early; re-copy it): {path}")
+    return data, size
+
+
+def _cv_decode(data: bytes, size: tuple[int, int] | None, path: str, kind: str) -> np.ndarray:
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS[kind])
+    except cv2.error as e:  # raised (not None returned) for an image over the pixel limit
+        why = _too_large(size) if "CV_IO_MAX_IMAGE_PIXELS" in str(e) else "corrupt, truncated or not an image"
+        raise DataError(f"cannot decode {kind} ({why}): {path}") from e
+    if decoded is None:
+        raise DataError(f"cannot decode {kind} (corrupt, truncated or not an image): {path}")
+    return decoded
+
+
+def _pil_decode(data: bytes, path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im)
+    except Image.DecompressionBombError as e:  # Pillow's own pixel limit (PIL.Image.MAX_IMAGE_PIXELS)
+        raise DataError(f"cannot decode mask ({e}): {path}") from e
+    except OSError as e:
+        raise DataError(f"cannot decode mask (corrupt, truncated or not an image): {path}: {e}") from e
+
 
 def read_image(path: str) -> np.ndarray:
     """RGB uint8 [H, W, 3] as stored, the pixels Pillow decodes: an EXIF orientation tag is not applied (OpenCV
     would rotate the image away from its label mask). Raises DataError naming the path when the file is missing,
-    truncated or not an image."""
-    if not os.path.isfile(path):
-        raise DataError(f"image file not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise DataError(f"cannot decode image (corrupt, truncated or not an image): {path}")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _read_pil(path: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except OSError as e:
-        raise DataError(f"cannot decode mask (corrupt, truncated or not an image): {path}: {e}") from e
+    unreadable, truncated, over OpenCV's pixel limit or not an image."""
+    data, size = _encoded(path, "image")
+    return cv2.cvtColor(_cv_decode(data, size, path, "image"), cv2.COLOR_BGR2RGB)
 
 
 def read_mask(path: str, palette: bool = False) -> np.ndarray:
@@ -63,13 +176,10 @@ def read_mask(path: str, palette: bool = False) -> np.ndarray:
 
     `palette=True` reads with PIL directly (datasets whose masks are all palette PNGs, e.g. Mapillary).
     """
-    if not os.path.isfile(path):
-        raise DataError(f"mask file not found: {path}")
-    mask = _read_pil(path) if palette else cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise DataError(f"cannot decode mask (corrupt, truncated or not an image): {path}")
+    data, size = _encoded(path, "mask")
+    mask = _pil_decode(data, path) if palette else _cv_decode(data, size, path, "mask")
     if mask.ndim == 3 and not palette:
-        mask = _read_pil(path)  # OpenCV expands palette PNGs to colour; PIL keeps their indices
+        mask = _pil_decode(data, path)  # OpenCV expands palette PNGs to colour; PIL keeps their indices
     if mask.ndim != 2:
         raise DataError(
             f"mask must be single-channel label ids, got {mask.shape[2]} channels: {path} "
@@ -298,25 +408,37 @@ class SegmentationDataset(Dataset):
         return self.load_mask(index)
 
     def __getitem__(self, ref: int | SampleRef) -> dict:
-        if not isinstance(ref, SampleRef):
-            # Plain integer access (evaluation, or a foreign sampler): augmentation seeded from torch's RNG,
-            # which DataLoader seeds differently in every worker.
+        """The item of a SampleRef (training) or a plain index (evaluation, or a foreign sampler: augmentation
+        seeded from torch's RNG, which DataLoader seeds differently in every worker).
+
+        With skip_bad, an unreadable sample is logged and then, in training, replaced by the next readable one (a
+        batch keeps its size); in evaluation it is left out: its item has `skipped=True` (evaluate drops it) with
+        a readable sample's pixels standing in, so that it still collates with the others of its batch. Every
+        item of an evaluation with skip_bad has the key `skipped`.
+        """
+        training = isinstance(ref, SampleRef)
+        if not training:
             ref = SampleRef(int(ref), int(torch.randint(0, 2**62, ())), None)
         index, centroid = ref.index, ref.centroid
-        for _ in range(min(len(self), 16)):
+        tries = min(len(self), 16) if training else len(self)
+        for attempt in range(tries):
             try:
                 image, mask = self.load(index)
                 break
             except DataError as e:
                 if not self.skip_bad:
                     raise
-                log.warning("skipping unreadable sample %d: %s", index, e)
-                index, centroid = (index + 1) % len(self), None  # the next sample stands in
+                if attempt == 0:  # a stand-in that fails too is logged when its own turn comes
+                    log.warning("skipping unreadable sample %d: %s%s", index, e,
+                                "" if training else " (left out of the evaluation)")
+                index, centroid = (index + 1) % len(self), None
         else:
-            raise DataError(f"{self!r}: {min(len(self), 16)} consecutive unreadable samples from index {ref.index}")
+            raise DataError(f"{self!r}: {tries} consecutive unreadable samples from index {ref.index}")
         rng = np.random.default_rng(ref.seed)
         image_t, mask_t = self.transform(image, mask, rng, centroid)
-        item = {"image": image_t, "name": self.samples[index].name}
+        item = {"image": image_t, "name": self.samples[index if training else ref.index].name}
         if mask_t is not None:
             item["mask"] = mask_t
+        if self.skip_bad and not training:
+            item["skipped"] = index != ref.index
         return item

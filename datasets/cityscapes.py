@@ -14,6 +14,7 @@ from .base import (
     Sample,
     SegmentationDataset,
     Transform,
+    check_listed,
     read_mask,
 )
 from .uniform import ClassUniform, load_or_compute
@@ -299,6 +300,8 @@ class CityscapesDataset(CoarseDataset):
         self.autolabel: dict[int, tuple[str, str | None]] = {}  # index -> (probability map, human gtCoarse mask)
         if self.coarse.boost_classes:
             samples += self._coarse_samples(root, num_fine)
+        if not skip_bad:  # with data.skip_bad they are skipped like any unreadable file
+            check_listed(samples, f"cityscapes/{split}/cv{cv}")
         super().__init__(samples, CLASSES, label_map(), transform, skip_bad, f"cityscapes/{split}/cv{cv}")
         self.num_main = num_fine
         self.root, self.split, self.cv = root, split, cv

@@ -13,7 +13,7 @@ names is replaced by the split).
 Coarse data works as for Cityscapes (data.coarse.*): the unlabelled split is {split} = train_extra, its human coarse
 masks (if any) are in the mask folder of that split, and autolabels are `<autolabel_dir>/<path>.png` with
 `<path>_prob.png`, <path> being the image's path below the image folder without its extension (what
-scripts/autolabel.py writes).
+scripts/experiments/autolabel.py writes).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from .base import (
     LabelMap,
     Sample,
     Transform,
+    check_listed,
 )
 from .cityscapes import CoarseDataset, CoarseOptions
 
@@ -50,8 +51,9 @@ def default_palette(n: int) -> np.ndarray:
     return out
 
 
-def read_class_list(path: str) -> tuple[ClassInfo, LabelMap]:
-    """Classes and raw-value -> train-id table from a class-list YAML (see the module docstring)."""
+def read_class_list(path: str, need_colors: bool = False) -> tuple[ClassInfo, LabelMap]:
+    """Classes and raw-value -> train-id table from a class-list YAML (see the module docstring); `need_colors`:
+    a list without `colors` is an error (colour-coded masks cannot be read with a generated palette)."""
     if not os.path.isfile(path):
         raise DataNotFoundError(f"class list not found: {path} (set data.custom.classes to a YAML file)")
     with open(path) as f:
@@ -72,6 +74,9 @@ def read_class_list(path: str) -> tuple[ClassInfo, LabelMap]:
     if not isinstance(ignore, int) or not 0 <= ignore <= 255 or ignore < k:
         raise DataError(f"{path}: 'ignore_index' must be an integer in {k}..255 (not a class id), got {ignore!r}")
     colors = spec.get("colors")
+    if colors is None and need_colors:
+        raise DataError(f"{path}: no 'colors': list the [r, g, b] colour of each of the {k} classes, in the order "
+                        "of 'names'")
     if colors is None:
         palette = default_palette(k)
     else:
@@ -170,6 +175,8 @@ class CustomDataset(CoarseDataset):
         self.autolabel = {}
         if self.coarse.boost_classes:
             samples += self._coarse_samples(root, image_dir, mask_dir, mask_suffix, num_main, classes.num_classes)
+        if not skip_bad:  # with data.skip_bad they are skipped like any unreadable file
+            check_listed(samples, f"custom/{split}")
         super().__init__(samples, classes, labels, transform, skip_bad, f"custom/{split}")
         self.num_main = num_main
         self.root, self.split = root, split
@@ -211,5 +218,5 @@ class CustomDataset(CoarseDataset):
             out.append(Sample(images[key], base + ".png", key.replace(os.sep, "_")))
         if missing:
             raise DataError(f"{len(missing)} {EXTRA_SPLIT} image(s) without an autolabel <name>.png and its "
-                            f"<name>_prob.png in {auto}: {', '.join(missing[:10])} (scripts/autolabel.py writes them)")
+                            f"<name>_prob.png in {auto}: {', '.join(missing[:10])} (scripts/experiments/autolabel.py writes them)")
         return out

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import os
 
-from .base import IMAGE_EXTENSIONS, ClassInfo, DataNotFoundError, LabelMap, Sample, SegmentationDataset, Transform
+from .base import (
+    IMAGE_EXTENSIONS,
+    ClassInfo,
+    DataNotFoundError,
+    LabelMap,
+    Sample,
+    SegmentationDataset,
+    Transform,
+    check_listed,
+)
 
 
 def class_info(classes: str) -> ClassInfo:
@@ -34,7 +43,7 @@ class FolderDataset(SegmentationDataset):
     """Every image file directly in `root` (sorted); items have no 'mask'. Use a batch size of 1 for mixed sizes.
 
     `label_map` is the class source's table (unused for reading; it lets predictions be written as label ids).
-    An unreadable image is a DataError naming it; with `skip_bad` it is logged and the next image stands in.
+    An unreadable image is a DataError naming it; with `skip_bad` it is logged and left out of the evaluation.
     """
 
     def __init__(self, root: str, transform: Transform, classes: str = "", skip_bad: bool = False):
@@ -44,5 +53,7 @@ class FolderDataset(SegmentationDataset):
         if not names:
             raise DataNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
         samples = [Sample(os.path.join(root, f), None, os.path.splitext(f)[0]) for f in names]
+        if not skip_bad:  # with data.skip_bad they are left out like any unreadable file
+            check_listed(samples, f"image folder {root}")
         info, table = class_source(classes)
         super().__init__(samples, info, table, transform, skip_bad, f"folder/{os.path.basename(root)}")

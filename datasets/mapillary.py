@@ -14,7 +14,16 @@ import os
 
 import numpy as np
 
-from .base import ClassInfo, DataError, DataNotFoundError, LabelMap, Sample, SegmentationDataset, Transform
+from .base import (
+    ClassInfo,
+    DataError,
+    DataNotFoundError,
+    LabelMap,
+    Sample,
+    SegmentationDataset,
+    Transform,
+    check_listed,
+)
 
 SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 LAYOUT_HELP = ("expected <root>/config.json and <root>/{training,validation,testing}/images/*.jpg with "
@@ -81,6 +90,8 @@ class MapillaryDataset(SegmentationDataset):
             stem = os.path.splitext(n)[0]
             mask = None if label_dir is None else os.path.join(label_dir, stem + ".png")
             samples.append(Sample(os.path.join(image_dir, n), mask, stem))
+        if not skip_bad:  # with data.skip_bad they are skipped like any unreadable file
+            check_listed(samples, f"mapillary/{split}")
         super().__init__(samples, classes, labels, transform, skip_bad, f"mapillary/{split}")
         self.palette_masks = True
         self.root, self.split = root, split

@@ -1,8 +1,8 @@
 """The data.verify pass: decode every image and mask of a split before any work, in parallel worker processes.
 
-Each sample is read as training reads it (OpenCV decode, label table, mask size against image size, a Cityscapes
-autolabel's probability map) and, for formats without checksums (JPEG and the rest, not PNG), decoded once more
-strictly: OpenCV fills a truncated JPEG with grey and says nothing, PIL refuses it.
+Each sample is read as training reads it (a missing, unreadable or truncated file, OpenCV decode, label table, mask
+size against image size, a Cityscapes autolabel's probability map) and, for formats without checksums (JPEG and the
+rest, not PNG), decoded once more with PIL, which refuses some damaged data that OpenCV decodes with a warning.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def _strict_decode(path: str, kind: str) -> None:
     try:
         with Image.open(path) as im:
             im.load()
+    except Image.DecompressionBombError:
+        return  # over Pillow's own pixel limit, yet OpenCV (whose limit the user sets) has decoded the file
     except (OSError, ValueError, SyntaxError) as e:  # PIL's decoders raise all three
         raise DataError(f"cannot fully decode {kind} (truncated or corrupt: {e}): {path}") from e
 

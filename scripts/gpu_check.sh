@@ -8,17 +8,17 @@
 #                    trainable, the evaluation budget counts the allocator's cached blocks, a checkpoint's CUDA random
 #                    state restores where fewer GPUs are visible); their CPU cases run in the default suite; a skipped
 #                    test counts as a failure here;
-#   train_fp16       python -m scripts.gpu_probe_train preempt: train.py (tiny demo model) under torchrun, 2 ranks on
+#   train_fp16       python -m scripts.dev.gpu_probe_train preempt: train.py (tiny demo model) under torchrun, 2 ranks on
 #                    the one GPU through gloo, fp16, channels-last, SyncBN (checked to synchronise); SIGUSR1 after
 #                    iteration 3 (checkpoint, exit 75), then the same command resumes: every iteration logged once;
 #   train_bf16       the same in bf16, straight through;
-#   eval             python -m scripts.gpu_probe_eval: eval.py under a memory budget that forces a planned schedule;
+#   eval             python -m scripts.dev.gpu_probe_eval: eval.py under a memory budget that forces a planned schedule;
 #                    torch.cuda.max_memory_allocated against the planner's predicted peak;
-#   bench            python -m scripts.bench --device cuda --full --precision fp16: the training-step table (images/s,
+#   bench            python -m scripts.bench.multiscale --device cuda --full --precision fp16: the training-step table (images/s,
 #                    MFU, phases) of both models at 1024x1024 x 2 in the recipes' precision (the step the data loader
 #                    must keep up with), and the recipe section (FLOPs; Mapillary evaluation memory, measured);
 #   data_cityscapes, data_mapillary
-#                    python -m scripts.bench_data for the two recipes' training items (Cityscapes: PNG, 1024x2048
+#                    python -m scripts.bench.data for the two recipes' training items (Cityscapes: PNG, 1024x2048
 #                    crop; Mapillary: JPEG 4000x3000, long edge 2177, 1024x1024 crop, blur), Pillow-exact; with the
 #                    recipes' data.num_workers, the loader's images/s against what the measured HRNet-OCR step consumes;
 #   summary          one JSON with every stage's result, limit and seconds and everything measured: OUT (default
@@ -172,16 +172,16 @@ if [[ $DRY -eq 0 ]] && grep -q '<skipped' "$WORK/tests.xml" 2>/dev/null; then
   echo "gpu_check: stage 'tests': GPU tests were skipped on a machine with CUDA (reasons above)" >&2
   FAILED+=("stage 'tests': GPU tests were skipped on a machine with CUDA")
 fi
-stage --soft train_fp16 "$PY" -m scripts.gpu_probe_train preempt --precision fp16 --root "$WORK/train" \
+stage --soft train_fp16 "$PY" -m scripts.dev.gpu_probe_train preempt --precision fp16 --root "$WORK/train" \
   --json "$WORK/train_fp16.json"
-stage --soft train_bf16 "$PY" -m scripts.gpu_probe_train straight --precision bf16 --root "$WORK/train" \
+stage --soft train_bf16 "$PY" -m scripts.dev.gpu_probe_train straight --precision bf16 --root "$WORK/train" \
   --json "$WORK/train_bf16.json"
-stage --soft eval "$PY" -m scripts.gpu_probe_eval --root "$WORK/eval" --size "$EVAL_SIZE" --json "$WORK/eval.json"
+stage --soft eval "$PY" -m scripts.dev.gpu_probe_eval --root "$WORK/eval" --size "$EVAL_SIZE" --json "$WORK/eval.json"
 
-stage bench "$PY" -m scripts.bench "${BENCH[@]}"
-stage data_cityscapes env OMP_NUM_THREADS=1 "$PY" -m scripts.bench_data "${DATA_CS[@]}" --no-gblur \
+stage bench "$PY" -m scripts.bench.multiscale "${BENCH[@]}"
+stage data_cityscapes env OMP_NUM_THREADS=1 "$PY" -m scripts.bench.data "${DATA_CS[@]}" --no-gblur \
   --resample pil --no-centroids --json "$WORK/data_cityscapes.json"
-stage data_mapillary env OMP_NUM_THREADS=1 "$PY" -m scripts.bench_data --dataset mapillary "${DATA_MVD[@]}" \
+stage data_mapillary env OMP_NUM_THREADS=1 "$PY" -m scripts.bench.data --dataset mapillary "${DATA_MVD[@]}" \
   --resample pil --no-centroids --json "$WORK/data_mapillary.json"
 
 STOPPED=""  # the summary runs whatever failed before it: the JSON says what ran, what failed, what ran out

@@ -1,4 +1,4 @@
-"""The memory plan of a recipe, without a GPU: `python scripts/plan_memory.py --config RECIPE [key=value ...] [--json]`.
+"""The memory plan of a recipe, without a GPU: `python -m scripts.plan_memory --config RECIPE [key=value ...] [--json]`.
 
 Prints the predicted peak of one evaluation call on one val image under every schedule (the unconstrained one,
 the exact ones that hold less, and the approximate ones when eval.memory_fallback=any), whether each fits the
@@ -11,10 +11,6 @@ schedule), train_peak_bytes and the table's rows.
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:
-    import _by_path  # started by path: rerun as `python -m scripts.plan_memory` (scripts/_by_path.py)
-    _by_path.rerun_as_module("scripts.plan_memory")
-
 import argparse
 import json
 import math
@@ -25,9 +21,12 @@ from typing import Any
 import torch
 
 import network
+from datasets.base import DataError
+from datasets.custom import read_class_list
+from datasets.folder import class_info
 from loss import build_criterion
 from train import build_optimizer
-from utils.cli import CliError, one_line_errors, run_cli
+from utils.cli import CliError, debug_enabled, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config
 from utils.inference import Inference
 from utils.inference.memory import (
@@ -42,7 +41,7 @@ from utils.inference.memory import (
 )
 
 NATIVE_SIZES = {"cityscapes": (1024, 2048)}  # val images at their own size
-CLASS_COUNTS = {"cityscapes": 19, "synthetic": 19, "folder": 19, "mapillary": 65}
+CLASS_COUNTS = {"cityscapes": 19, "synthetic": 19, "mapillary": 65}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,9 +74,28 @@ def eval_size(cfg: Config, text: str | None) -> tuple[int, int]:
 
 
 def num_classes(cfg: Config) -> int:
+    """The model's class count: that of data.custom.classes for a custom dataset or a folder, else the dataset's."""
     if cfg.data.dataset == "custom":
-        return len(cfg.data.custom.classes)
+        return read_class_list(cfg.data.custom.classes)[0].num_classes
+    if cfg.data.dataset == "folder":
+        return class_info(cfg.data.custom.classes).num_classes
     return CLASS_COUNTS.get(cfg.data.dataset, 19)
+
+
+def planned_device(name: str | None, budget: Any) -> torch.device:
+    """The device of --device (default: cuda when present, else cpu). A CUDA device without eval.memory_budget is
+    planned against its free memory, which needs that device here."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise CliError(f"--device: {e}") from e
+    if device.type != "cuda" or parse_bytes(budget) is not None:
+        return device
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (device.index or 0) >= visible:
+        raise CliError(f"--device {device}: no such CUDA device here ({visible} visible); plan for a GPU elsewhere "
+                       "by giving its memory, e.g. eval.memory_budget=80GiB, or plan with --device cpu")
+    return device
 
 
 def plan(cfg: Config, size: tuple[int, int], device: torch.device, world_size: int = 1) -> dict[str, Any]:
@@ -115,9 +133,9 @@ def plan(cfg: Config, size: tuple[int, int], device: torch.device, world_size: i
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    with one_line_errors(args.debug, (ConfigError, ValueError)):
+    with one_line_errors(args.debug or debug_enabled(), (ConfigError, DataError, ValueError)):
         cfg = load_config(args.config, args.overrides)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = planned_device(args.device, cfg.eval.memory_budget)
         if args.world_size < 1:
             raise CliError(f"--world-size: expected at least 1, got {args.world_size}")
         result = plan(cfg, eval_size(cfg, args.size), device, args.world_size)

@@ -1,5 +1,5 @@
 """A real one-node SLURM cluster on localhost for the sbatch tests: munged, slurmctld and slurmd in a temporary
-folder, with their own config, socket and ports, started and stopped by the test (see tests/scripts/test_slurm.py).
+folder, with their own config, socket and ports, started and stopped by the test (see tests/scripts/slurm/test_slurm.py).
 
 The node offers 2 CPUs and 2 count-only GPUs (no devices behind them) so that the project's sbatch scripts run
 with their GPU requests as written; the tasks see no CUDA device and train on the CPU with gloo.

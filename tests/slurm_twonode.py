@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on one machine, for the multi-node sbatch tests (tests/scripts/test_slurm_twonode.py).
+"""A real two-node SLURM cluster on one machine, for the multi-node sbatch tests (tests/scripts/slurm/test_slurm_twonode.py).
 
 Each node is a set of fresh Linux namespaces held open by a small init process (PID 1 of its own PID namespace):
 - network: the two nodes are joined by one veth pair on a private subnet that exists only inside these

@@ -8,7 +8,6 @@ The original's hold {'state_dict': {'module.' + key: tensor}, 'arch', 'num_class
 """
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import pickle
@@ -43,14 +42,10 @@ def atomic_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
     A failed write (e.g. a full disk) removes the temporary file, leaves any existing `path` as it was, and raises
-    OSError naming `path`.
+    OSError naming `path`: torch's zip writer reports a full disk as a RuntimeError of its own ('unexpected pos')
+    over the file's OSError, which `atomic_write` finds (utils/files.py).
     """
-    try:
-        atomic_write(path, lambda f: torch.save(obj, f), True, TMP_PREFIX, TMP_SUFFIX)
-    except RuntimeError as e:
-        if "No space left" in str(e):  # torch's zip writer wraps the OSError
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), True, TMP_PREFIX, TMP_SUFFIX)
 
 
 def remove_orphaned_temps(run_dir: str) -> list[str]:

@@ -18,6 +18,7 @@ from .config import Config, ConfigError, load_config
 from .runtime.dist import DistConfigError, DistInfo, DistributedError, init_distributed
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 class CliError(SystemExit):
@@ -74,12 +75,18 @@ def _join_lines(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str]) -> None:
-    """Call `main(argv)`; a CliError prints `error: MESSAGE` on stderr and exits with code 2."""
+    """Call `main(argv)`; a CliError prints `error: MESSAGE` on stderr and exits with code 2, a KeyboardInterrupt
+    (Ctrl-C while not training, or twice while training) one line and code 130."""
     try:
         main(argv)
     except CliError as e:
         print(f"error: {e.message}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        if debug_enabled():
+            raise
+        print("interrupted: stopped without a checkpoint (a run resumes from its last one)", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 def ensure_writable_dir(path: str, key: str) -> str:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -183,10 +186,10 @@ class TrainConfig:
 class RunConfig:
     # Shared by training and evaluation: where the run lives, and how the model runs.
     output_dir: str = "runs"  # a run lives in output_dir/name
-    name: str = "demo"
+    name: str = "demo"  # the run's folder under output_dir (a relative path without '..')
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = True  # NHWC layout of model and images, fp32 rounding: faster convolutions (GPU tensor cores; CPU oneDNN, with 1x1 and weight-gradient routing)
-    host_memory: Literal["retain", "release"] = "retain"  # on a CPU: keep freed tensor memory for reuse (no page faults per step) | give it back to the OS
+    channels_last: bool = True  # NHWC memory layout of model and images, fp32 rounding: faster convolutions (GPU tensor cores without transposes; CPU oneDNN without reorders)
+    cpu_tuning: bool = False  # fp32 training on a CPU: convolution weight gradients by the kernel fastest for their shape (utils/runtime/cpu_tuning.py); nothing on a GPU
     dist_timeout: int = 600  # seconds a collective (or the start-up rendezvous) may wait before the run stops
 
 
@@ -203,7 +206,7 @@ class EvalConfig:
     sweep_flips: tuple[bool, ...] = (False, True)
     num_dump: int = 8  # N of the dump selection
     dump: Literal["none", "first", "all", "every", "worst"] = "first"  # images with pictures: none | first (N) | all | every (N-th) | worst (N by IoU)
-    dump_dir: str = "eval"  # training's final evaluation; relative to the run folder (or absolute)
+    dump_dir: str = "eval"  # training's final evaluation; a folder inside the run folder (relative, no '..')
     video_attention: bool = False  # video mode: attention heat maps side by side with the overlay
     # bytes (int) or a size like "12GiB": evaluation is planned to fit; "": the CUDA device's free memory, no limit
     # on a CPU
@@ -252,11 +255,20 @@ ALIASES: dict[str, str] = {
     **{f"data.{k}": f"data.custom.{k}" for k in ("classes", "image_dir", "mask_dir", "mask_suffix")},
 }
 
+# Keys removed from the schema -> what to use instead. A recipe or an override that sets one is refused with this
+# hint; a checkpoint that stores one (written before the removal) resumes, the key ignored.
+REMOVED: dict[str, str] = {
+    "run.host_memory": "the allocator's settings in the environment (what 'retain' did: GLIBC_TUNABLES="
+                       "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647; or LD_PRELOAD of tcmalloc); "
+                       "CPU-only kernel tuning is run.cpu_tuning",
+}
+
 _log = logging.getLogger(__name__)
 
 
-def _rename_aliases(values: dict[str, Any], source: str, warn: bool = True) -> dict[str, Any]:
-    """`values` (a nested dict) with every old key moved to its new place; a key set under both names is an error."""
+def _rename_aliases(values: dict[str, Any], source: str, renamed: list[str] | None = None) -> dict[str, Any]:
+    """`values` (a nested dict) with every old key moved to its new place; a key set under both names is an error.
+    Each move is noted in `renamed`, when given, for a warning."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
     for old, new in ALIASES.items():
         section, name = old.split(".")
@@ -271,8 +283,8 @@ def _rename_aliases(values: dict[str, Any], source: str, warn: bool = True) -> d
         if parts[-1] in node:
             raise ConfigError(f"{source}: '{old}' and '{new}' are the same key (the old and the new name); keep '{new}'")
         node[parts[-1]] = value
-        if warn:
-            _log.warning("%s: config key '%s' is now '%s' (the old name still works)", source, old, new)
+        if renamed is not None:
+            renamed.append(f"{source}: config key '{old}' is now '{new}' (the old name still works)")
     return out
 
 
@@ -347,6 +359,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(key: str, name: str, valid: list[str]) -> ConfigError:
+    if f"{key}.{name}" in REMOVED:
+        return ConfigError(f"config key '{key}.{name}' was removed: use {REMOVED[f'{key}.{name}']}")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     where = f"{key}.{name}" if key else name
     hint = f"; did you mean '{(key + '.') if key else ''}{close[0]}'?" if close else ""
@@ -372,6 +386,49 @@ def _check_scales(key: str, scales: tuple[float, ...]) -> None:
         raise ConfigError(f"{key}: the scale list must contain 1.0 (the output resolution), got {list(scales)}")
 
 
+def _seed_range(value: int) -> bool:
+    return 0 <= value < 2**32
+
+
+# The range of each single value that a type cannot express, as (dotted key, test, the rule in the message).
+# Checked at load, so that a value torch or numpy would refuse fails before the run folder exists, naming the key.
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("train.ckpt_interval", lambda v: v >= 1, "at least 1"),
+    ("train.log_interval", lambda v: v >= 1, "at least 1"),
+    ("data.batch_size", lambda v: v >= 1, "at least 1"),
+    ("data.val_batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.val_interval", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.val_epochs", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.poly_exp", lambda v: v >= 0, ">= 0 (0: a constant learning rate)"),  # negative: 0 ** -p at the end
+    ("train.seed", _seed_range, "in [0, 2**32) (the seeds numpy takes)"),
+    ("data.synthetic.seed", _seed_range, "in [0, 2**32) (the seeds numpy takes)"),
+    ("loss.aux_weight", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("loss.scale_weight", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("loss.wce_upper_bound", lambda v: v >= 0, ">= 0"),
+    ("data.augment.scale_min", lambda v: v > 0, "> 0"),
+    ("data.augment.color_jitter", lambda v: 0 <= v <= 0.5, "in [0, 0.5] (0: off)"),
+)
+
+# model.options that are channel counts, whatever the model: aspp_ch, mid_ch, ..., width(s), stem_width(s).
+_WIDTH_OPTION = re.compile(r".+_ch|(.+_)?widths?")
+
+
+def _check_finite(values: Any, key: str) -> None:
+    """Refuse nan and infinity anywhere (a float key parses '.nan', 'inf'): no range check would catch them all."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, (list, tuple)):
+        for i, value in enumerate(values):
+            _check_finite(value, f"{key}[{i}]")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{key} must be a finite number, got {values}")
+
+
 def validate(cfg: Config) -> Config:
     """Checks across fields that a type cannot express; the error names the dotted key."""
     if cfg.train.max_iter < 0 or cfg.train.max_epoch < 0:
@@ -384,14 +441,25 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"run.dist_timeout must be a positive number of seconds, got {cfg.run.dist_timeout}")
     if any(c <= 0 for c in cfg.data.augment.crop_size):
         raise ConfigError(f"data.augment.crop_size: must be positive, got {list(cfg.data.augment.crop_size)}")
-    for key, low, rule in (("train.ckpt_interval", 1, "at least 1"), ("train.log_interval", 1, "at least 1"),
-                           ("data.batch_size", 1, "at least 1"), ("data.val_batch_size", 1, "at least 1"),
-                           ("train.val_interval", 0, ">= 0 (0: off)"), ("train.val_epochs", 0, ">= 0 (0: off)"),
-                           ("data.num_workers", 0, ">= 0 (0: off)")):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < low:
+    _check_finite(to_dict(cfg), "")
+    for key, allowed, rule in _RANGES:
+        value = functools.reduce(getattr, key.split("."), cfg)
+        if not allowed(value):
             raise ConfigError(f"{key} must be {rule}, got {value}")
+    for key, path, inside, instead in (
+        ("run.name", cfg.run.name, "run.output_dir", "use a plain folder name, or set run.output_dir to put the run "
+                                                     "elsewhere"),
+        ("eval.dump_dir", cfg.eval.dump_dir, "the run folder", "outside it, it could overwrite another run's "
+                                                               "results; use a folder name such as 'eval'"),
+    ):
+        if os.path.isabs(path) or ".." in path.split("/"):
+            raise ConfigError(f"{key} must be a relative path inside {inside} without '..', got {path!r}: {instead}")
+    for name, value in cfg.model.options.items():
+        if _WIDTH_OPTION.fullmatch(str(name)) and not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                for v in (value if isinstance(value, (list, tuple)) else [value])):
+            raise ConfigError(f"model.options.{name} is a number of channels: it must be a whole number >= 1, "
+                              f"got {value!r}")
     _validate_data(cfg.data)
     _validate_eval(cfg.eval)
     fixed = cfg.model.options.get("scales")  # explicit attention (network/attnscale.py): one channel per scale
@@ -402,7 +470,10 @@ def validate(cfg: Config) -> Config:
 
 
 def _validate_data(d: DataConfig) -> None:
-    """The data settings that depend on each other (a transform checks its own value ranges when it is built)."""
+    """The data settings that depend on each other (a transform checks its value ranges again when it is built)."""
+    if d.augment.scale_min > d.augment.scale_max:
+        raise ConfigError(f"data.augment.scale_min ({d.augment.scale_min}) must be <= data.augment.scale_max "
+                          f"({d.augment.scale_max})")
     if d.map_crop_val and not (d.eval_size or d.augment.long_edge) > 0:
         raise ConfigError("data.map_crop_val needs data.eval_size (or data.augment.long_edge) > 0: the crop size")
     if d.map_crop_val and d.eval_native_labels:
@@ -460,7 +531,12 @@ def parse_bytes(value: int | str | None, key: str = "eval.memory_budget") -> int
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
     if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
         raise ValueError(f"{key}: expected a byte count or a size such as '12GiB' or '800MB', got {value!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    unit = _UNITS[m.group(2).lower()]
+    count = float(m.group(1)) * unit
+    if count < 1 or (unit == 1 and not count.is_integer()):  # 0.5 would become a budget of 0 bytes
+        raise ValueError(f"{key}: {value!r} is not a whole number of bytes >= 1 (a number without a unit counts "
+                         "bytes): write a size such as '8GiB' or '800MB'")
+    return int(count)
 
 
 def to_dict(obj: Any) -> Any:
@@ -496,8 +572,14 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(values: dict[str, Any]) -> Config:
     """Build a Config from a (possibly partial) nested dict; missing keys take the schema defaults.
 
-    Old key names (`ALIASES`, e.g. in a checkpoint written by an earlier version) are read at their new place."""
-    return validate(_build(Config, _merge(to_dict(Config()), _rename_aliases(values, "config", warn=False))))
+    Old key names (`ALIASES`, e.g. in a checkpoint written by an earlier version) are read at their new place;
+    removed keys (`REMOVED`) are dropped."""
+    values = _rename_aliases(values, "config")
+    for key in REMOVED:
+        section, name = key.split(".")
+        if isinstance(values.get(section), dict):
+            values[section].pop(name, None)
+    return validate(_build(Config, _merge(to_dict(Config()), values)))
 
 
 # ----------------------------------------------------------------------------------------------- merging
@@ -513,31 +595,93 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML would keep the last one without a word."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, key: str, seen: set[int]) -> None:
+    """Walk the composed document (before merge keys are applied: `<<` may be overridden on purpose)."""
+    if id(node) in seen:  # an alias: its anchor was walked already (and a recursive one would never end)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{key}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge" or not isinstance(k, yaml.ScalarNode):
+                continue
+            dotted = f"{key}.{k.value}" if key else k.value
+            if (k.tag, k.value) in first:
+                at = first[(k.tag, k.value)]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{dotted}' (also at line {at.line + 1}, column {at.column + 1}; only "
+                    "one would be kept): keep one", k.start_mark)
+            first[(k.tag, k.value)] = k.start_mark
+            _refuse_duplicate_keys(v, dotted, seen)
+
+
+def _yaml_problem(e: yaml.YAMLError, text: str) -> str:
+    """PyYAML's report of several lines as one: 'line L, column C: what' (`text`: the document it read)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark, what = e.problem_mark, e.problem or "invalid"
+        if e.context:
+            at = e.context_mark
+            what += f" ({e.context}" + (f" at line {at.line + 1}, column {at.column + 1})" if at else ")")
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    if isinstance(e, yaml.reader.ReaderError):
+        line = text.count("\n", 0, e.position) + 1
+        return f"line {line}: unacceptable character #x{e.character:04x} ({e.reason})"
+    return " ".join(str(e).split())
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}, line {line}: {raw[e.start:e.start + 1]!r}); "
+                          "save the file as UTF-8") from e
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML at {_yaml_problem(e, text)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
 
 
-def load_yaml_values(path: str) -> dict[str, Any]:
-    """Values of a recipe, with its `base:` (one level, relative to the recipe) merged underneath."""
+def load_yaml_values(path: str, renamed: list[str] | None = None) -> dict[str, Any]:
+    """Values of a recipe, with its `base:` (one level, relative to the recipe) merged underneath. Its old key names
+    are noted in `renamed`, when given (for the caller to warn once the config is valid), or logged as warnings."""
+    notes: list[str] = []
     data = _read_yaml(path)
     base = data.pop("base", None)
-    data = _rename_aliases(data, path)
-    if base is None:
-        return data
-    base_path = os.path.join(os.path.dirname(path), base)
-    parent = _read_yaml(base_path)
-    if "base" in parent:
-        raise ConfigError(f"{base_path}: only one level of 'base:' is allowed (it names {parent['base']!r})")
-    return _merge(_rename_aliases(parent, base_path), data)
+    data = _rename_aliases(data, path, notes)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: 'base:' must name one recipe file (a path relative to this one), "
+                              f"got {type(base).__name__} {base!r}")
+        base_path = os.path.join(os.path.dirname(path), base)
+        parent = _read_yaml(base_path)
+        if "base" in parent:
+            raise ConfigError(f"{base_path}: only one level of 'base:' is allowed (it names {parent['base']!r})")
+        data = _merge(_rename_aliases(parent, base_path, notes), data)
+    if renamed is None:
+        for note in notes:
+            _log.warning(note)
+    else:
+        renamed.extend(notes)
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -549,9 +693,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+        raise ConfigError(f"override {text!r}: the value is not valid YAML at {_yaml_problem(e, raw)}") from e
     return key.split("."), value
 
 
@@ -570,19 +714,48 @@ def _set_path(values: dict[str, Any], parts: list[str], value: Any) -> None:
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Schema defaults, then the YAML recipe at `path` (if any), then dotted `overrides`."""
     # A recipe's model.options replaces the defaults' as a whole; an override edits the merged result in place.
-    values = _merge(to_dict(Config()), load_yaml_values(path) if path else {})
+    renamed: list[str] = []  # old key names, warned about once the config is valid (a refusal stays one line)
+    values = _merge(to_dict(Config()), load_yaml_values(path, renamed) if path else {})
+    given: dict[str, str] = {}  # each key set by an override -> the name it was given as
     for text in overrides:
         parts, value = parse_override(text)
-        old = ".".join(parts[:2])
+        name, old = ".".join(parts), ".".join(parts[:2])
         if old in ALIASES:
-            _log.warning("override %s: config key '%s' is now '%s' (the old name still works)", text, old, ALIASES[old])
+            renamed.append(f"override {text}: config key '{old}' is now '{ALIASES[old]}' (the old name still works)")
             parts = ALIASES[old].split(".") + parts[2:]
+        key = ".".join(parts)
+        if given.setdefault(key, name) != name:  # as in a recipe: which of the two was meant would be a guess
+            raise ConfigError(f"overrides: '{given[key]}' and '{name}' are the same key (the old and the new name); "
+                              f"keep '{key}'")
         _set_path(values, parts, value)
-    return validate(_build(Config, values))
+    cfg = validate(_build(Config, values))
+    for note in renamed:
+        _log.warning(note)
+    return cfg
 
 
 # Keys that do not change the weights a run produces: a resume (or a rerun of a pipeline stage) may change them.
-RESULT_NEUTRAL = ("eval.", "run.name:", "run.output_dir:", "run.channels_last:")
+RESULT_NEUTRAL = ("eval.", "run.name:", "run.output_dir:", "run.channels_last:", "run.cpu_tuning:")
+
+
+def unknown_keys(values: dict[str, Any]) -> list[str]:
+    """Dotted keys of a stored config (a checkpoint's) that this version's schema does not have, old names of
+    renamed keys and of `REMOVED` aside (those changed no number): settings of a newer version, or of an older one
+    that were removed since."""
+    out: list[str] = []
+
+    def walk(x: Any, schema: Any, key: str) -> None:
+        if not isinstance(x, dict) or not isinstance(schema, dict) or key == "model.options":
+            return
+        for k, v in x.items():
+            dotted = f"{key}.{k}" if key else str(k)
+            if k in schema:
+                walk(v, schema[k], dotted)
+            elif dotted not in REMOVED:  # a removed key set nothing this version would differ in
+                out.append(dotted)
+
+    walk(_rename_aliases(values, "checkpoint"), to_dict(Config()), "")
+    return sorted(out)
 
 
 def training_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -593,19 +766,19 @@ def training_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
 def diff_configs(a: Config | dict[str, Any], b: Config) -> list[str]:
     """Dotted keys whose values differ between two configs (for resume checks).
 
-    `a` may be the plain dict a checkpoint stores, written by an older version of the schema: its keys that the
-    schema no longer has are ignored (they cannot change what this version does), keys it lacks take the defaults.
+    `a` may be the plain dict a checkpoint stores, written by another version of the schema: its keys that this
+    schema does not have are left out (`unknown_keys` lists them), keys it lacks take the defaults.
     """
     out: list[str] = []
 
     def walk(x: Any, y: Any, key: str) -> None:
         if isinstance(x, dict) and isinstance(y, dict):
-            keys = set(y) if key and not key.endswith("options") else set(x) | set(y)
+            keys = set(y) if not key.endswith("options") else set(x) | set(y)
             for k in sorted(keys):
                 walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
         elif x != y:
             out.append(f"{key}: {x!r} -> {y!r}")
 
-    saved = _merge(to_dict(Config()), _rename_aliases(a, "checkpoint", warn=False)) if isinstance(a, dict) else to_dict(a)
+    saved = _merge(to_dict(Config()), _rename_aliases(a, "checkpoint")) if isinstance(a, dict) else to_dict(a)
     walk(saved, to_dict(b), "")
     return out

@@ -158,6 +158,19 @@ class EvalResult:
     images: list[dict] = field(default_factory=list)  # per dumped image: index, name, score, files {kind: path}
     sweep: list[tuple[Combo, torch.Tensor]] = field(default_factory=list)  # every combination's hist, setting first
     images_seen: int = 0  # images evaluated (summed over ranks)
+    images_skipped: int = 0  # unreadable images left out (data.skip_bad; summed over ranks)
+
+
+def _left_in(batch: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    """The elements of `batch` to evaluate, and their positions in it: those whose dataset marked them `skipped`
+    (unreadable, data.skip_bad) are left out."""
+    skipped = batch.get("skipped")
+    positions = list(range(batch["image"].shape[0]))
+    if skipped is None or not bool(skipped.any()):
+        return batch, positions
+    kept = [j for j in positions if not skipped[j]]
+    pick = torch.tensor(kept, dtype=torch.long)
+    return {k: v[pick] if isinstance(v, torch.Tensor) else [v[j] for j in kept] for k, v in batch.items()}, kept
 
 
 def _first_index(loader: Iterable[Any]) -> int:
@@ -192,6 +205,8 @@ def evaluate(
     batch element.
     `should_stop()` is asked once before each batch (preemption); when it answers True the loop ends at once,
     nothing is all-reduced and the result has `stopped=True` with this rank's partial counts.
+    Batch elements marked `skipped` (an unreadable image under data.skip_bad, a stand-in in its place) count nowhere
+    but in `images_skipped`; a batch of skipped elements only still asks `should_stop`, which may be a collective.
     """
     model.eval()
     setting = how.combo(model)
@@ -202,14 +217,21 @@ def evaluate(
         dumper = ImageDumper(dump_dir, dump, num_dump, palette, ignore_index, num_classes)
         dumper = dumper if dumper.active else None
     hists = torch.zeros(len(combos), num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # CE sum, labelled pixels, images
-    index = _first_index(loader)
+    loss_sum = torch.zeros(4, dtype=torch.float64, device=device)  # CE sum, labelled pixels, images, skipped
+    index, skipped = _first_index(loader), 0
     if how.schedule is None:
         eval_budget(model, device, how)  # its one collective, before the batch counts can differ between ranks
     for batch in loader:
         if should_stop is not None and should_stop():
             return EvalResult(hist=hists[0].cpu(), loss=float("nan"), stopped=True,
-                              sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]))
+                              sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]),
+                              images_skipped=skipped)
+        size = batch["image"].shape[0]
+        batch, positions = _left_in(batch)
+        skipped += size - len(positions)
+        if not positions:
+            index += size
+            continue
         images = batch["image"].to(device, non_blocking=True)
         target = batch["mask"].to(device, non_blocking=True) if "mask" in batch else None
         with autocast(how.precision, device):
@@ -229,7 +251,7 @@ def evaluate(
                     other = resize(other, target.shape[-2:])
                 hists[position[combo]] += count(other.max(1).indices)
         maps = run.maps(setting.scales) if dumper is not None else {}
-        for j in range(images.shape[0]):
+        for j, at in enumerate(positions):
             name = batch["name"][j]
             if label_writer is not None:
                 label_writer.add(name, logits[j])
@@ -237,15 +259,16 @@ def evaluate(
                 tj = None if target is None else target[j]
                 score = math.nan if tj is None else image_miou(pred[j], tj, num_classes)
                 one = {k: v[j] for k, v in maps.items()}
-                record = partial(make_record, index + j, name, images[j], logits[j], one, tj, score)
-                dumper.add(record, index + j, score)  # builds the record only if the image is kept
-        index += images.shape[0]
+                record = partial(make_record, index + at, name, images[j], logits[j], one, tj, score)
+                dumper.add(record, index + at, score)  # builds the record only if the image is kept
+        index += size
         del run, logits, pred, maps  # free this batch's maps before the next batch's network passes
     all_reduce_sum(hists)
+    loss_sum[3] = skipped
     all_reduce_sum(loss_sum)
     entries = dumper.finish() if dumper is not None else []
     loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
     return EvalResult(
         hist=hists[0].cpu(), loss=loss, dumped=[p for e in entries for p in e["files"].values()], images=entries,
-        sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]),
+        sweep=list(zip(combos, hists.cpu())), images_seen=int(loss_sum[2]), images_skipped=int(loss_sum[3]),
     )

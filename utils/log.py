@@ -1,14 +1,15 @@
-"""Run logging: console and train.log text, metrics.jsonl rows, TensorBoard scalars, the progress line, and the
-routing of every module's stdlib logger into them (one logger per process)."""
+"""Run logging: stdlib logging configured once per process (console on rank 0, warnings on every rank, train.log,
+a file per rank), the metrics writer (metrics.jsonl and TensorBoard) and the progress line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from utils.files import atomic_write_text
@@ -18,7 +19,7 @@ class Progress:
     """One progress line: a bar, done/total, optional values, rate and ETA (the training log, video frames,
     the centroid build).
 
-    With `log` (e.g. RunLogger.info) every update is a line of its own: training writes one per logging interval,
+    With `log` (e.g. a logger's info) every update is a line of its own: training writes one per logging interval,
     so they also reach train.log. Without it the line is rewritten in place on `stream` (stderr by default), at
     most every `interval` seconds, and `final=True` ends it with a newline.
     `start`: what was done before timing began (a resumed run), so the rate and ETA count this run's work only.
@@ -63,119 +64,113 @@ class Progress:
         self.stream.flush()
 
 
-class RunLogger:
-    """Console + `train.log` text, `metrics.jsonl` rows and TensorBoard scalars (rank 0), appended on resume.
+# The loggers whose records a run shows and keeps: the entry points' and every package's (`getLogger(__name__)`).
+PROJECT_LOGGERS = ("train", "eval", "datasets", "transforms", "network", "loss", "utils", "scripts")
+STAMP = "%Y-%m-%d %H:%M:%S"
 
-    With `rank` given (a distributed run), every rank also writes its own `logs/rank<r>.log` (its messages,
-    warnings and errors); warnings and errors go to stderr on every rank, prefixed with the rank.
-    `resume_iteration`: the run continues after that iteration, so rows and TensorBoard events logged after it
-    by an interrupted run (which the resumed one logs again) are dropped.
+
+class _Console(logging.Handler):
+    """Messages on stdout (rank 0 only), warnings and errors on stderr (every rank, prefixed with the rank in a
+    distributed run). The streams are looked up per record: a test's captured stdout is the one in force."""
+
+    def __init__(self, main: bool, rank: int | None) -> None:
+        super().__init__(logging.INFO if main else logging.WARNING)
+        self.prefix = f"[rank {rank}] " if rank is not None else ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                print(f"{self.prefix}{record.levelname}: {record.getMessage()}", file=sys.stderr, flush=True)
+            else:
+                print(record.getMessage(), flush=True)
+        except Exception:  # a closed or broken stream must not stop a run
+            self.handleError(record)
+
+
+class _FileFormat(logging.Formatter):
+    """'<time> message', and '<time> LEVEL: message' for warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, STAMP)} {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def run_logging(folder: str, main: bool, rank: int | None = None, log_name: str = "train.log") -> Iterator[None]:
+    """Configure the project's loggers for this process, once: the console (above), `folder/log_name` on the main
+    rank and, with `rank` (a distributed run), `folder/logs/rank<r>.log` on every rank. On exit the files are closed
+    and the loggers get their defaults back (entry points run more than once in one process: tests, scripts).
+    Data-loader workers inherit the set-up, so their warnings reach the same console and files."""
+    handlers: list[logging.Handler] = [_Console(main, rank)]
+    if main:
+        os.makedirs(folder, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(folder, log_name), encoding="utf-8"))
+    if rank is not None:
+        os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(folder, "logs", f"rank{rank}.log"), encoding="utf-8"))
+    for handler in handlers[1:]:
+        handler.setFormatter(_FileFormat())
+    loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+    for logger in loggers:
+        for old in list(logger.handlers):  # left by a run of this process that ended in an error
+            logger.removeHandler(old)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            for handler in handlers:
+                logger.removeHandler(handler)
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
+        for handler in handlers:
+            handler.close()
+
+
+class MetricsWriter:
+    """metrics.jsonl rows and TensorBoard scalars of a run (written on the main rank; elsewhere it does nothing).
+
+    `resume_iteration`: the run continues after that iteration (0: from the start), so rows and TensorBoard events
+    an interrupted run logged after it, which this one logs again, are dropped first.
     """
 
-    def __init__(self, run_dir: str, enabled: bool = True, purge_step: int | None = None,
-                 rank: int | None = None, resume_iteration: int | None = None) -> None:
-        self.bridge: _LogBridge | None = None
+    def __init__(self, folder: str, enabled: bool = True, resume_iteration: int | None = None) -> None:
         self.enabled = enabled
-        self.run_dir = run_dir
-        self.rank = rank
         self.writer = None
-        self.rank_file = None
-        if rank is not None:
-            os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-            self.rank_file = open(os.path.join(run_dir, "logs", f"rank{rank}.log"), "a", buffering=1)
         if not enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "metrics.jsonl")
+        purge_step = None
         if resume_iteration is not None:
-            _drop_rows_after(metrics_path, resume_iteration)
+            _drop_rows_after(path, resume_iteration)
             purge_step = resume_iteration + 1
-        self.text = open(os.path.join(run_dir, "train.log"), "a", buffering=1)
-        self.metrics = open(metrics_path, "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
+        self.rows = open(path, "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only where a run writes
 
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
-
-    def capture_modules(self) -> None:
-        """Route the project's module loggers (`logging.getLogger(__name__)` in datasets/, utils/, ...) here, so
-        that their messages reach train.log and stderr like this logger's own (and data-loader workers', which
-        inherit the routing)."""
-        self.bridge = _LogBridge(self)
-        for name in PROJECT_LOGGERS:
-            logger = logging.getLogger(name)
-            for old in [h for h in logger.handlers if isinstance(h, _LogBridge)]:  # a run that ended in an error
-                logger.removeHandler(old)
-            logger.setLevel(logging.INFO)
-            logger.addHandler(self.bridge)
-            logger.propagate = False
-
-    def _stamp(self, message: str) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n"
-
-    def info(self, message: str) -> None:
-        if self.rank_file is not None:
-            self.rank_file.write(self._stamp(message))
-        if not self.enabled:
-            return
-        print(message, flush=True)
-        self.text.write(self._stamp(message))
-
-    def warn(self, message: str, level: str = "WARNING") -> None:
-        """Shown on every rank (stderr), also in this rank's log file and, on rank 0, in train.log."""
-        prefix = f"[rank {self.rank}] " if self.rank is not None else ""
-        print(f"{prefix}{level}: {message}", file=sys.stderr, flush=True)
-        if self.rank_file is not None:
-            self.rank_file.write(self._stamp(f"{level}: {message}"))
-        if self.enabled:
-            self.text.write(self._stamp(f"{level}: {message}"))
-
-    def error(self, message: str) -> None:
-        self.warn(message, level="ERROR")
+        self.writer = SummaryWriter(os.path.join(folder, "tb"), purge_step=purge_step)
 
     def scalars(self, split: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"split": split, "iteration": step, **values}) + "\n")
+        self.rows.write(json.dumps({"split": split, "iteration": step, **values}) + "\n")
         for k, v in values.items():
             self.writer.add_scalar(f"{split}/{k}", v, step)
 
     def close(self) -> None:
-        if self.bridge is not None:
-            for name in PROJECT_LOGGERS:
-                logging.getLogger(name).removeHandler(self.bridge)
-                logging.getLogger(name).propagate = True
-            self.bridge = None
-        if self.rank_file is not None:
-            self.rank_file.close()
-            self.rank_file = None
-        if self.enabled and self.writer is not None:
+        if self.writer is not None:
             self.writer.close()
-            self.text.close()
-            self.metrics.close()
+            self.rows.close()
             self.writer = None
 
+    def __enter__(self) -> MetricsWriter:
+        return self
 
-PROJECT_LOGGERS = ("datasets", "transforms", "network", "loss", "utils")
-
-
-class _LogBridge(logging.Handler):
-    """stdlib logging records -> RunLogger (warnings and errors to stderr and the log files, the rest as info)."""
-
-    def __init__(self, target: RunLogger) -> None:
-        super().__init__(logging.INFO)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-            if record.levelno >= logging.ERROR:
-                self.target.error(message)
-            elif record.levelno >= logging.WARNING:
-                self.target.warn(message)
-            else:
-                self.target.info(message)
-        except Exception:  # a logging failure must not stop training
-            self.handleError(record)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _clock(seconds: float) -> str:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The auto-labelling pipeline (scripts/autolabel.py) as a chain of jobs, one per stage:
+# The auto-labelling pipeline (scripts/experiments/autolabel.py) as a chain of jobs, one per stage:
 #   scripts/slurm/autolabel.sh [sbatch options --] --out DIR [--config RECIPE] [--teacher CKPT] [key=value ...]
 # e.g. scripts/slurm/autolabel.sh --nodes=2 -- --out runs/sota --config configs/cityscapes/RECIPE.yaml data.root=CS
 # teacher first; fine_only and autolabel once it has succeeded (afterok), student after autolabel, report after

@@ -84,7 +84,7 @@ def test_every_bad_file_is_listed_one_line_each(broken, workers):
                         "them, or set data.skip_bad=true to skip them")
     assert lines[1] == (f"{bad['ids']}: label values not in the Cityscapes label table: 99 "
                         "(known ids: 0..33, 34 values)")
-    assert lines[2] == f"cannot decode image (corrupt, truncated or not an image): {bad['image']}"
+    assert lines[2] == f"cannot decode image (truncated file: its PNG data ends early; re-copy it): {bad['image']}"
     image = val_file(root, "munster", 2, "image")
     assert lines[3] == f"mask size 48x16 differs from image size 48x32 (WxH): {bad['small']} (image {image})"
     assert len(lines) == 4
@@ -158,7 +158,7 @@ def test_truncated_jpeg_that_opencv_accepts_is_found(tmp_path):
     ds = build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0), "folder", False)
     found = find_bad_files(ds, 0)
     assert len(found) == 1 and found[0][0] == str(path)
-    assert found[0][1].startswith("cannot fully decode image (truncated or corrupt: image file is truncated")
+    assert found[0][1] == f"cannot decode image (truncated file: its JPEG data ends early; re-copy it): {path}"
     with pytest.raises(DataError, match=r"^data.verify: 1 of 3 samples of folder/"):
         build_dataset(DataConfig.make(dataset="folder", root=str(tmp_path), num_workers=0, verify=True), "folder", False)
 
@@ -185,7 +185,7 @@ def test_prepare_cityscapes_verify(clean, broken, capsys):
     before = files_of(root)
     assert check([root, "--verify"]) == 1
     out = capsys.readouterr().out
-    assert f"BAD      val: cannot decode image (corrupt, truncated or not an image): {bad['image']}" in out
+    assert f"BAD      val: cannot decode image (truncated file: its PNG data ends early; re-copy it): {bad['image']}" in out
     assert f"BAD      val: mask size 48x16 differs from image size 48x32 (WxH): {bad['small']} (image " in out
     assert f"BAD      val: {bad['ids']}: label values not in the Cityscapes label table: 99" in out
     assert "4 problem(s) found" in out  # the three bad files, and the ids again from the sampled label check

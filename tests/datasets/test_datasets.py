@@ -444,7 +444,8 @@ def test_corrupt_image_names_the_path(synth, tmp_path):
     with pytest.raises(DataError, match=os.path.basename(path)):
         read_image(path)
     skipping = build_dataset(data_cfg(root, skip_bad=True), "val", False)
-    assert skipping[1]["name"] == skipping.samples[2].name  # logged and replaced by the next sample
+    # evaluation: logged and marked skipped (evaluate leaves it out; another image's pixels keep the batch whole)
+    assert skipping[1]["name"] == skipping.samples[1].name and skipping[1]["skipped"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -11,7 +11,7 @@ import typing
 import pytest
 
 import network
-from scripts import gen_config_docs as gen
+from scripts.dev import gen_config_docs as gen
 from utils.config import ALIASES, Config, choices, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +44,7 @@ def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, typing.Any]:
 def test_configuration_md_is_generated_from_the_current_schema():
     current = read("docs/configuration.md")
     assert current == gen.render(), (
-        "docs/configuration.md is out of date with utils/config.py: run python -m scripts.gen_config_docs"
+        "docs/configuration.md is out of date with utils/config.py: run python -m scripts.dev.gen_config_docs"
     )
 
 
@@ -125,7 +125,7 @@ def test_yaml_values_and_cells():
 
 def test_hand_written_descriptions_name_existing_keys():
     stale = sorted(set(gen.FALLBACK) - set(schema_keys()))
-    assert not stale, f"scripts/gen_config_docs.py FALLBACK describes keys the schema no longer has: {stale}"
+    assert not stale, f"scripts/dev/gen_config_docs.py FALLBACK describes keys the schema no longer has: {stale}"
     sections = {f.name for f in dataclasses.fields(Config)}
     assert set(gen.SECTIONS) <= sections, f"SECTIONS names {sorted(set(gen.SECTIONS) - sections)}"
 
@@ -133,7 +133,7 @@ def test_hand_written_descriptions_name_existing_keys():
 def test_check_mode_exit_codes(tmp_path, capsys):
     path = str(tmp_path / "configuration.md")
     assert gen.main(["--check", "--path", path]) == 1  # missing
-    assert "run python -m scripts.gen_config_docs" in capsys.readouterr().err
+    assert "run python -m scripts.dev.gen_config_docs" in capsys.readouterr().err
     assert gen.main(["--path", path]) == 0
     with open(path, encoding="utf-8") as f:
         assert f.read() == gen.render()
@@ -170,8 +170,9 @@ def test_links_and_paths_exist(page):
                                text)):
         if path.endswith((".yaml", ".py", ".sh", ".sbatch")) or "." not in os.path.basename(path):
             assert os.path.exists(os.path.join(ROOT, path)), f"{page} names a missing {path}"
-    for module in set(re.findall(r"python -m scripts\.(\w+)", text)):
-        assert os.path.isfile(os.path.join(ROOT, "scripts", module + ".py")), f"{page} runs a missing scripts.{module}"
+    for module in set(re.findall(r"python -m scripts\.([\w.]+\w)", text)):
+        path = os.path.join(ROOT, "scripts", *module.split(".")) + ".py"
+        assert os.path.isfile(path), f"{page} runs a missing scripts.{module}"
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -1,4 +1,4 @@
-"""scripts/plan_memory.py: the plan table and its JSON, started by path, without a GPU."""
+"""scripts/plan_memory.py: the plan table and its JSON, run as a module, without a GPU."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "scripts/plan_memory.py", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "scripts.plan_memory", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
 @pytest.mark.slow
-def test_demo_plan_by_path_prints_json_with_the_three_peaks():
+def test_demo_plan_prints_json_with_the_three_peaks():
     out = plan("eval.flip=true", "data.batch_size=2", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)

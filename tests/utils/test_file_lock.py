@@ -78,19 +78,21 @@ def test_second_process_waits_until_the_first_releases(lock_path):
     assert not os.path.exists(lock_path + ".pid")  # the fallback's lock file is gone once released
 
 
-def count_in_lock(path: str, counter: str, rounds: int) -> None:
+def count_in_lock(path: str, counter: str, rounds: int, remove: bool) -> None:
     for _ in range(rounds):
-        with file_lock(path):
+        with file_lock(path, remove=remove):
             with open(counter) as f:
                 n = int(f.read())
             with open(counter, "w") as f:  # a read-modify-write that loses counts unless the lock excludes
                 f.write(str(n + 1))
 
 
-def test_mutual_exclusion_under_contention(lock_path, tmp_path):
+@pytest.mark.parametrize("remove", [False, True], ids=["kept", "removed on release"])
+def test_mutual_exclusion_under_contention(lock_path, tmp_path, remove):
+    # removed on release: a waiter that then locks the deleted file must notice and lock the path's new one
     counter = str(tmp_path / "counter")
     Path(counter).write_text("0")
-    procs = [FORK.Process(target=count_in_lock, args=(lock_path, counter, 25)) for _ in range(4)]
+    procs = [FORK.Process(target=count_in_lock, args=(lock_path, counter, 25, remove)) for _ in range(4)]
     for p in procs:
         p.start()
     for p in procs:
@@ -178,6 +180,59 @@ def test_lock_of_another_host_is_not_taken_over(nolock):
     assert str(e.value) == (f"lock {path}.pid still held after 0 s by pid 4242 on host node17; if that process is "
                             f"gone (its node died), delete {path}.pid")
     assert Path(path + ".pid").read_text() == "node17 4242\n"
+
+
+def late_waiter(path: str, opened, released, entered, leave) -> None:
+    """Opens the lock file, then (as if descheduled) tries flock only after the holder released and deleted it."""
+    real = fcntl.flock
+    first = []
+
+    def flock(f, op):
+        if not first:
+            first.append(True)
+            opened.set()
+            released.wait(WAIT_S)
+        return real(f, op)
+
+    fcntl.flock = flock
+    with file_lock(path, remove=True):
+        entered.set()
+        leave.wait(WAIT_S)
+
+
+def test_a_waiter_holding_the_deleted_file_relocks_the_new_one(tmp_path):
+    path = str(tmp_path / "x.lock")
+    opened, released, entered, leave = (FORK.Event() for _ in range(4))
+    with file_lock(path, remove=True):
+        late = FORK.Process(target=late_waiter, args=(path, opened, released, entered, leave))
+        late.start()
+        assert opened.wait(WAIT_S)  # it holds the file that is deleted on release
+    released.set()
+    try:
+        assert entered.wait(WAIT_S)
+        with pytest.raises(LockTimeout, match=f"by pid {late.pid} "):  # it locked the path's file, not a ghost
+            with file_lock(path, timeout=0, remove=True):
+                pass
+    finally:
+        leave.set()
+        late.join(WAIT_S)
+    assert late.exitcode == 0 and not os.path.exists(path)
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_run_s_lock(nolock, monkeypatch):
+    # Without flock, a lock file written on another node cannot be checked; but SLURM starts a requeued job only
+    # after every process of its previous run ended, so that run's lock (same job id, older restart) is stale.
+    path = str(nolock / "x.lock")
+    Path(path + ".pid").write_text("node17 4242 slurm:77.0\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(LockTimeout, match=r"by pid 4242 on host node17 \(SLURM job 77\)"):
+        with file_lock(path, timeout=0.2):
+            pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with file_lock(path, timeout=WAIT_S):
+        assert Path(path + ".pid").read_text() == f"{socket.gethostname()} {os.getpid()} slurm:77.1\n"
+    assert not os.path.exists(path + ".pid")
 
 
 def test_lock_file_removed_when_the_body_raises(nolock):

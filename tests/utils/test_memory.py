@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 import network
 from datasets.cityscapes import CLASSES as CITYSCAPES
 from loss import build_criterion
-from scripts.bench_memory import measure_train
+from scripts.bench.memory import measure_train
 from train import build_optimizer
 from utils.config import ConfigError, load_config
 from utils.engine import evaluate

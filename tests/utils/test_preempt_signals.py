@@ -1,7 +1,8 @@
 """The stop signals as SLURM delivers them, without SLURM: slurmstepd sends SIGTERM to every process of a step, the
-data-loader workers too (tests/scripts/test_slurm_preempt.py drives the real thing)."""
+data-loader workers too (tests/scripts/slurm/test_slurm_preempt.py drives the real thing)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import tiny_run
+from utils.cli import run_cli
 from utils.runtime.preempt import EXIT_PREEMPTED, Preemption
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,12 +38,12 @@ def train_rows(run: Path) -> int:
     return path.read_text().count('"split": "train"') if path.exists() else 0
 
 
-@pytest.mark.slow
-def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path):
+def start_training(tmp_path: Path, planned: int) -> tuple[subprocess.Popen, Path, Path, list[str]]:
+    """A tiny training of `planned` iterations with 2 loader workers in its own process group (as a SLURM step,
+    or a terminal's foreground job), once it has logged 2 iterations: (process, run folder, output, argv)."""
     from datasets.synthetic import generate_synthetic_cityscapes
 
     generate_synthetic_cityscapes(str(tmp_path / "data"), 8, 2, 64, 128, 0)
-    planned = 40
     args = tiny_run({"data.num_workers": 2, "train.ckpt_interval": 1000, "eval.num_dump": 0}, root=tmp_path,
                     max_iter=planned)
     run = tmp_path / "runs" / "run"
@@ -49,21 +51,35 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(out, "w") as f:
         proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)  # its own process group, as a SLURM step
+                                env=env, start_new_session=True)
+    end = time.time() + 300
+    while train_rows(run) < 2:  # the loader's (persistent) workers run from the first batch on
+        assert proc.poll() is None, out.read_text()[-3000:]
+        assert time.time() < end, "no 2 training iterations after 300 s\n" + out.read_text()[-3000:]
+        time.sleep(0.1)
+    assert len(children(proc.pid)) >= 2, "no data-loader workers"
+    return proc, run, out, args
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path, signum):
+    # SIGTERM: what slurmstepd sends every process of the step; SIGINT: what a terminal's Ctrl-C sends every
+    # process of the foreground job.
+    planned = 40
+    proc, run, out, _ = start_training(tmp_path, planned)
     try:
-        end = time.time() + 300
-        while train_rows(run) < 2:  # the loader's (persistent) workers run from the first batch on
-            assert proc.poll() is None, out.read_text()[-3000:]
-            assert time.time() < end, "no 2 training iterations after 300 s\n" + out.read_text()[-3000:]
-            time.sleep(0.1)
-        assert len(children(proc.pid)) >= 2, "no data-loader workers"
         logged = train_rows(run)
-        os.killpg(proc.pid, signal.SIGTERM)  # what slurmstepd does: every process of the step
+        os.killpg(proc.pid, signum)
         rc = proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     text = out.read_text()
     assert rc == EXIT_PREEMPTED, text[-3000:]
     stopped = re.search(r"stopped by a preemption signal at iteration (\d+)/(\d+)", text)
@@ -71,7 +87,36 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(tmp_path):
     k = int(stopped.group(1))
     assert logged <= k < planned
     assert sorted(p.name for p in run.glob("ckpt_*.pth")) == [f"ckpt_{k:08d}.pth"]
-    assert "DataLoader worker" not in text
+    assert "DataLoader worker" not in text and "Traceback" not in text
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(capfd):
+    with Preemption() as preempt:
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler before the next line
+        assert preempt.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert "Ctrl-C again: stop now" in capfd.readouterr().err
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(interrupted, [])
+    assert e.value.code == 130
+    assert capfd.readouterr().err == "interrupted: stopped without a checkpoint (a run resumes from its last one)\n"
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_checkpoint_logs_each_iteration_once_when_rerun(tmp_path):
+    proc, run, out, args = start_training(tmp_path, 400)
+    stop(proc)  # SIGKILL: no checkpoint; metrics.jsonl holds the first iterations
+    assert train_rows(run) >= 2 and not list(run.glob("ckpt_*.pth"))
+    rerun = [a for a in args if not a.startswith(("train.max_iter=", "data.num_workers="))]
+    subprocess.run([sys.executable, "train.py", *rerun, "train.max_iter=3", "data.num_workers=0"], cwd=ROOT,
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(r)["iteration"] for r in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+    assert rows == [1, 2, 3]
 
 
 def test_a_worker_death_after_a_stop_request_does_not_raise_in_the_main_process():

@@ -23,7 +23,7 @@ import torch
 
 from ..runtime.dist import all_gather_objects
 from .metrics import confusion_matrix
-from .visualize import denormalize, sample_images, write_images
+from .visualize import denormalize, sample_images, write_images, write_png
 
 DUMP_MODES = ("none", "first", "all", "every", "worst")
 
@@ -180,7 +180,9 @@ def train_to_label_lut(id_to_train: dict[int, int], num_classes: int) -> np.ndar
 
 class LabelIdWriter:
     """`{stem}.png` with dataset label ids (test-server submission) and, for autolabelling, `{stem}_prob.png`
-    with uint8(255 * max softmax probability). Images whose files exist are skipped (resumable).
+    with uint8(255 * max softmax probability). Images whose files exist are skipped (resumable): each file is
+    written atomically (`write_png`), so an interrupted run or a full disk leaves no half file that a resume
+    would take for a finished one.
 
     `stems` maps an item's name to the stem of its image file (Cityscapes: `<name>_leftImg8bit`, the layout the
     coarse-data recipe reads); names missing from it are used as they are.
@@ -205,17 +207,8 @@ class LabelIdWriter:
             self.skipped += 1
             return
         paths = self.paths(name)
-        os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
         prob, pred = logits.float().softmax(0).max(0)
-        _write_png(paths[0], self.lut[pred.cpu().numpy()])
+        write_png(paths[0], self.lut[pred.cpu().numpy()])
         if self.with_prob:
-            _write_png(paths[1], (prob.cpu().numpy() * 255).astype(np.uint8))  # truncated, as the original
+            write_png(paths[1], (prob.cpu().numpy() * 255).astype(np.uint8))  # truncated, as the original
         self.written += 1
-
-
-def _write_png(path: str, array: np.ndarray) -> None:
-    """Atomic single-channel PNG write (a killed run leaves no half file that a resume would skip)."""
-    tmp = path + ".tmp.png"
-    if not cv2.imwrite(tmp, array):
-        raise OSError(f"could not write image {path}")
-    os.replace(tmp, path)

@@ -113,11 +113,12 @@ def format_table(metrics: dict[str, Any]) -> str:
 def write_per_class_csv(path: str, metrics: dict[str, Any]) -> None:
     """The per-class table as CSV: id, class, IoU, precision, recall (fractions), TP, FP, FN (pixels)."""
     fields = ["id", "name", "iou", "precision", "recall", "tp", "fp", "fn"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(fields)
-        for r in metrics["per_class"]:
-            w.writerow([r[k] for k in fields])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(fields)
+    for r in metrics["per_class"]:
+        w.writerow([r[k] for k in fields])
+    atomic_write_text(path, text.getvalue())  # whole or not at all, as every evaluation output
 
 
 # ----------------------------------------------------------------------------------------------- scale-set sweep

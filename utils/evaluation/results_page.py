@@ -9,6 +9,8 @@ import math
 import os
 from typing import Any
 
+from utils.files import atomic_write_text
+
 # Column order of an image's row; other kinds (per-scale maps) follow in name order.
 KIND_ORDER = ("input", "gt", "pred", "overlay", "error", "conf")
 
@@ -25,7 +27,7 @@ figcaption { font-size: 12px; text-align: center; }
 """
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
@@ -33,13 +35,13 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in ("id", "class", "IoU", "precision", "recall", "TP", "FP", "FN"))
     head += "</tr>"
     rows = [
-        f"<tr><td>{r['id']}</td><td>{html.escape(r['name'])}</td><td>{_pct(r['iou'])}</td>"
-        f"<td>{_pct(r['precision'])}</td><td>{_pct(r['recall'])}</td><td>{r['tp']}</td><td>{r['fp']}</td>"
+        f"<tr><td>{r['id']}</td><td>{html.escape(r['name'])}</td><td>{percent(r['iou'])}</td>"
+        f"<td>{percent(r['precision'])}</td><td>{percent(r['recall'])}</td><td>{r['tp']}</td><td>{r['fp']}</td>"
         f"<td>{r['fn']}</td></tr>"
         for r in metrics["per_class"]
     ]
-    summary = (f"<p>mIoU <b>{_pct(metrics['miou'])}</b>, pixel accuracy {_pct(metrics['acc'])}, mean class accuracy "
-               f"{_pct(metrics['acc_cls'])}, frequency-weighted IoU {_pct(metrics['fwavacc'])}</p>")
+    summary = (f"<p>mIoU <b>{percent(metrics['miou'])}</b>, pixel accuracy {percent(metrics['acc'])}, mean class accuracy "
+               f"{percent(metrics['acc_cls'])}, frequency-weighted IoU {percent(metrics['fwavacc'])}</p>")
     return summary + f"<table class='metrics'>{head}{''.join(rows)}</table>"
 
 
@@ -51,7 +53,7 @@ def _sweep_table(sweep: dict[str, Any]) -> str:
         scales = ",".join(f"{s:g}" for s in sorted(r["scales"]))
         gains = "".join(f"<td>{g:+.2f}</td>" if not math.isnan(g) else "<td>-</td>" for g in r["gain"])
         rows.append(f"<tr><td>[{scales}]</td><td>{r['fusion']}</td><td>{'yes' if r['flip'] else 'no'}</td>"
-                    f"<td>{_pct(r['miou'])}</td><td>{r['miou_gain']:+.2f}</td>{gains}</tr>")
+                    f"<td>{percent(r['miou'])}</td><td>{r['miou_gain']:+.2f}</td>{gains}</tr>")
     return (f"<h2>Scale-set sweep</h2><p>gain: IoU points over {html.escape(sweep['baseline'])}</p>"
             f"<table class='metrics'>{head}{''.join(rows)}</table>")
 
@@ -80,7 +82,7 @@ def write_results_page(
     parts.append(f"<h2>Images ({len(images)})</h2>")
     for entry in images:
         score = entry.get("score")
-        caption = html.escape(entry["name"]) + (f" &mdash; image mIoU {_pct(score)}" if score is not None
+        caption = html.escape(entry["name"]) + (f" &mdash; image mIoU {percent(score)}" if score is not None
                                                 and not math.isnan(score) else "")
         cells = []
         for kind in _kinds(entry["files"]):
@@ -89,7 +91,5 @@ def write_results_page(
                          f"<figcaption>{html.escape(kind)}</figcaption></figure>")
         parts.append(f"<div class='sample'><h3>{caption}</h3><div class='grid'>{''.join(cells)}</div></div>")
     parts.append("</body></html>\n")
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))  # a full disk leaves the previous page, not half of this one
     return path

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from transforms.photometric import IMAGENET_MEAN, IMAGENET_STD
+from utils.files import atomic_write_bytes
 
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
 STD = np.array(IMAGENET_STD, dtype=np.float32)
@@ -41,10 +42,18 @@ def heatmap(weight: np.ndarray, image_rgb: np.ndarray | None = None, alpha: floa
     return hm if image_rgb is None else overlay(image_rgb, hm, alpha)
 
 
+def write_png(path: str, array: np.ndarray) -> None:
+    """`array` (single-channel, or BGR as OpenCV orders colours) as the PNG file `path`, whole or not at all: encoded
+    in memory, then written atomically (utils/files.py). cv2.imwrite on a full disk answers False or leaves a
+    truncated file; here a failed write is an OSError naming `path`, and nothing is left behind."""
+    ok, encoded = cv2.imencode(".png", array)
+    if not ok:
+        raise ValueError(f"cannot encode {path} as PNG (array {array.shape}, {array.dtype})")
+    atomic_write_bytes(path, encoded.tobytes())
+
+
 def write_rgb(path: str, rgb: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
+    write_png(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def error_map(image_rgb: np.ndarray, pred: np.ndarray, target: np.ndarray, ignore_index: int) -> np.ndarray:

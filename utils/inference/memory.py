@@ -25,6 +25,7 @@ softmax in fp32).
 from __future__ import annotations
 
 import copy
+import os
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
+from network.attnscale import ExplicitBase
 from utils.config import parse_bytes
 from utils.runtime.dist import all_reduce_min
 from utils.runtime.precision import autocast
@@ -740,3 +742,159 @@ def planned_pass(
         scales = {s for c in combos for s in c.scales} | set(keep)
         return MultiScalePass(model, images, scales, any(c.flip for c in combos), how.window, how.overlap)
     return ScheduledPass(model, images, combos, schedule, keep, how.window, how.overlap)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation check
+
+
+def host_available() -> int:
+    """Bytes of RAM new allocations may still take: MemAvailable of /proc/meminfo, lowered to what the memory limit
+    of this process's cgroup (v2: containers, SLURM jobs) still allows; the free pages where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/cgroup") as f:
+            group = next(line.split("::", 1)[1].strip() for line in f if line.startswith("0::"))
+        folder = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        with open(os.path.join(folder, "memory.max")) as f, open(os.path.join(folder, "memory.current")) as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, StopIteration, ValueError):
+        pass  # no cgroup v2 limit to read: the host's figure stands
+    return available
+
+
+def largest_input_size(paths: Iterable[str], data: Any) -> tuple[int, int]:
+    """(height, width) of the largest network input among the images `paths` (their headers only; unreadable ones
+    are left to the data loader to report) after the evaluation's resize of `data` (cfg.data): a long edge of
+    data.eval_size (else data.augment.long_edge) when set, a square of that size with data.map_crop_val."""
+    from PIL import Image
+
+    largest = (0, 0)
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+        except OSError:
+            continue
+        if h * w > largest[0] * largest[1]:
+            largest = (h, w)
+    edge = data.eval_size or data.augment.long_edge
+    h, w = largest
+    if edge <= 0 or h == 0:
+        return largest
+    if data.map_crop_val:
+        return edge, edge
+    scale = edge / max(h, w)
+    return max(int(h * scale), 1), max(int(w * scale), 1)
+
+
+def _size_setting(n: int) -> str:
+    """`n` bytes rounded down to a size eval.memory_budget reads: 12.3GiB, 800MiB."""
+    return f"{n * 10 // 2**30 / 10:g}GiB" if n >= 2**30 else f"{n // 2**20}MiB"
+
+
+def train_held_bytes(cfg: Any, net: nn.Module) -> int:
+    """What training keeps beside the model while it validates: the gradients and the optimizer's state (SGD's
+    momentum, Adam's two moments)."""
+    states = 1 if cfg.train.optimizer == "sgd" else 2
+    return (1 + states) * trainable_bytes(net)
+
+
+def _planned_peak(net: nn.Module, shape: Sequence[int], how: Inference, device: torch.device, labelled: bool,
+                  dumps: bool, budget: int | None) -> tuple[int, bool]:
+    """(peak, True) of the schedule an evaluation of a `shape` batch under `how` would run with `budget` (None: the
+    unconstrained one); (the cheapest schedule's peak, False) when none that how.memory_fallback allows fits."""
+    setting = how.combo(net)
+    combos = [setting] + [c for c in how.sweep(net) if c != setting]
+    plan = plan_eval(net, shape, combos, how, device, setting.scales if dumps else (), labelled, budget)
+    if plan.chosen is not None:
+        return plan.chosen.peak, True
+    return min(r.peak for r in plan.rows), False
+
+
+def check_eval_memory(
+    cfg: Any,
+    device: torch.device,
+    model: nn.Module,
+    size: Sequence[int],
+    labelled: bool = True,
+    dumps: bool = True,
+    training: bool = False,
+) -> str:
+    """Before the first image (in training: before the first step): whether evaluating `cfg`'s eval.* on images of
+    `size` (height, width: the largest input, `largest_input_size`) in batches of data.val_batch_size fits `device`.
+
+    The peak is that of the schedule the evaluation would run (`plan_eval` on fake tensors: no pass at full size):
+    the unconstrained one on a CPU without eval.memory_budget, else the first that fits the budget (eval.memory_budget,
+    else the CUDA device's free memory), plus, with `training`, the gradients and optimizer state training holds
+    (`train_held_bytes`). It is held against what the device has: the host's available RAM (`host_available`) or the
+    CUDA device's free memory (`device_free`), plus the model's own bytes when it is there already; the least over
+    ranks (a collective: every rank calls this at the same point). Returns a line to log, or raises MemoryPlanError
+    naming eval.scales, the estimate, the available memory and settings that would fit."""
+    net = unwrap(model)
+    if isinstance(net, ExplicitBase):  # one forward at its own fixed scale set, which its training step ran already
+        return f"memory plan: {type(net).__name__} evaluates its own scale set in one forward; not planned"
+    modes = {m: m.training for m in net.modules()}
+    net.eval()  # traced as evaluate runs it; training's modes come back after
+    try:
+        return _check_eval_memory(cfg, device, net, size, labelled, dumps, training)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _check_eval_memory(cfg: Any, device: torch.device, net: nn.Module, size: Sequence[int], labelled: bool,
+                       dumps: bool, training: bool) -> str:
+    how = Inference.from_config(cfg)
+    h, w = (int(s) for s in size)
+    if h * w == 0:  # no image whose header reads: the data loader reports them
+        return "memory plan: no image size known, evaluation memory not checked"
+    shape = (cfg.data.val_batch_size, 3, h, w)
+    resident = tensor_bytes(net) if any(p.device.type == device.type for p in net.parameters()) else 0
+    free = device_free(device) if device.type == "cuda" else host_available()
+    room = all_reduce_min(free) + resident
+    held = train_held_bytes(cfg, net) if training else 0
+
+    def plan(candidate: Inference) -> tuple[int, bool]:
+        """The evaluation's peak under `candidate` (training's state included) and whether it fits."""
+        budget = candidate.memory_budget
+        if budget is None and device.type == "cuda":
+            budget = room - held  # what the evaluation's own budget will measure then (`eval_budget`)
+        found, within = _planned_peak(net, shape, candidate, device, labelled, dumps, budget)
+        return found + held, within and found + held <= room
+
+    need, fits = plan(how)
+    what = (f"eval.scales {list(cfg.eval.scales)}: evaluating {shape[0]} image(s) of {h}x{w} "
+            f"(data.val_batch_size {shape[0]}{', with the training state' if held else ''})")
+    if fits:
+        return f"memory plan: {what} needs {format_bytes(need)} of {format_bytes(room)} available on {device}"
+    over = f" (over eval.memory_budget, {format_bytes(how.memory_budget)})" if how.memory_budget is not None else ""
+    # Tried: on a CPU without eval.memory_budget (where the planner chooses no schedule) what is left as the budget,
+    # and the largest scale sets without the top scales. Not tried: sliding windows, whose plan replays every window
+    # (at a scale like 40, minutes) and which bound a pass, not the full-size logits.
+    candidates = []
+    if how.memory_budget is None and device.type != "cuda" and room - held >= 2**20:
+        setting = _size_setting(room - held)
+        candidates.append((f"eval.memory_budget={setting} (one scale at a time)",
+                           replace(how, memory_budget=parse_bytes(setting))))
+    scales = sorted(how.scales)[:-1]
+    while scales and scales[-1] >= 1.0:  # the largest scales dropped, one by one, while 1.0 stays
+        candidates.append((f"eval.scales={[float(s) for s in scales]}", replace(how, scales=tuple(reversed(scales)))))
+        scales = scales[:-1]
+    found = []
+    for label, candidate in candidates:
+        peak, ok = plan(candidate)
+        if ok:
+            found.append(f"{label} ({format_bytes(peak)})")
+            if label.startswith("eval.scales"):
+                break  # the largest set that fits
+    advice = ("would fit: " + "; ".join(found) + "; or " if found else "use smaller eval.scales, ") + \
+        f"sliding windows (eval.window=[{h},{w}]) or a smaller data.eval_size"
+    raise MemoryPlanError(f"{what} is estimated at {format_bytes(need)}{over}, but {device} has "
+                          f"{format_bytes(room)} available: {advice}")

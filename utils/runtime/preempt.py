@@ -23,7 +23,9 @@ from .dist import all_gather_objects, any_rank
 
 # EX_TEMPFAIL (sysexits.h): stopped early on request, with a checkpoint to resume from.
 EXIT_PREEMPTED = 75
-DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGINT: Ctrl-C in a terminal (to every process of the foreground group) stops as a preemption does; a second
+# Ctrl-C stops at once, without a checkpoint.
+DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class Preemption:
@@ -37,6 +39,8 @@ class Preemption:
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT and os.getpid() == self._pid:
+            raise KeyboardInterrupt
         if self.signum is None and os.getpid() == self._pid:
             self.signum = signum
             # torch's SIGCHLD handler raises in the main process, wherever it is (mid-step, mid-checkpoint), when a
@@ -46,8 +50,9 @@ class Preemption:
             if previous is not None:  # None: set outside Python, nothing close() could put back
                 self._previous[signal.SIGCHLD] = previous
             # os.write, not print: a handler that prints can re-enter a buffer the interrupted code was writing.
+            again = " (Ctrl-C again: stop now, without a checkpoint)" if signum == signal.SIGINT else ""
             os.write(2, f"[rank {self.rank}] received {signal.Signals(signum).name}: "
-                        "checkpointing and stopping at the next step\n".encode())
+                        f"checkpointing and stopping at the next step{again}\n".encode())
 
     def requested(self) -> bool:
         return self.signum is not None

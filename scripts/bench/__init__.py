@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table of measurements taken side by side in one run (`python -m scripts.bench.NAME`)."""
