@@ -444,6 +444,7 @@ PLANTED_CASES = ["eval --checkpoint", "eval model.snapshot", "train model.snapsh
                  "train auto-resume", "train --resume PATH"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", PLANTED_CASES)
 def test_a_planted_pickle_in_any_loaded_file_runs_nothing(case, run_copy, data, tmp_path):
     """Every checkpoint a user points at or a run folder holds is read with torch's weights_only loader: a file
@@ -602,6 +603,7 @@ with contextlib.ExitStack() as stack:
 """
 
 
+@pytest.mark.slow
 def test_a_requeued_job_waits_for_its_earlier_run_s_lock_and_no_other(tmp_path):
     # A requeue after a node failure: the NFS server keeps the dead node's flock until its lease expires; the new
     # run of the same job waits for it (bounded), another job is refused at once.
@@ -643,6 +645,7 @@ def test_concurrent_evaluations_never_share_a_new_folder(tmp_path):
 
 # ------------------------------------------------------------------ resuming from a file that cannot be resumed
 
+@pytest.mark.slow
 def test_resuming_from_an_original_snapshot_says_to_start_from_it(run_copy, data, tmp_path):
     weights = torch.load(run_copy / "runs" / "run" / "ckpt_00000002.pth", weights_only=True)["model"]
     original = tmp_path / "cityscapes_ocrnet.HRNet_Mscale_outstanding-turtle.pth"
@@ -1299,6 +1302,7 @@ def tiny_net() -> torch.nn.Module:
     return network.build_model(cfg.model.name, 19, **cfg.model.options)
 
 
+@pytest.mark.slow
 def test_huge_scales_are_refused_with_the_estimate_and_what_fits(tiny_net, monkeypatch):
     monkeypatch.setattr(memory, "host_available", lambda: 2 * 2**30)  # a machine with 2 GiB free
     with pytest.raises(MemoryPlanError) as e:
@@ -1333,6 +1337,7 @@ def test_a_budget_no_schedule_fits_is_refused_before_the_first_image(tiny_net):
         check_eval_memory(cfg, torch.device("cpu"), tiny_net, (64, 128))
 
 
+@pytest.mark.slow
 def test_the_demo_fits_this_machine():
     cfg = load_config(None, [])
     net = network.build_model(cfg.model.name, 19, **cfg.model.options)
@@ -1379,6 +1384,7 @@ def test_train_refuses_huge_scales_before_training(tmp_path, data, monkeypatch):
     assert not list((tmp_path / "runs" / "run").glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_eval_refuses_huge_scales_before_the_first_image(tmp_path, monkeypatch):
     overrides, ckpt = make_setup(str(tmp_path), fit=False)
     monkeypatch.setattr(memory, "host_available", lambda: 2**30)  # 2 x 48x96 at 40x: ~2 GiB

@@ -64,6 +64,7 @@ def test_defaults_are_plain_ce_for_the_demo():
     assert from_dict({"loss": {"main": "rmi", "wce_upper_bound": 2}}).loss.wce_upper_bound == 2.0
 
 
+@pytest.mark.slow
 def test_ce_golden_value_of_the_original():
     from tests.loss.test_rmi import golden_inputs
 

@@ -345,6 +345,7 @@ def _first_update(dtype: torch.dtype, channels_last: bool, tuned: bool) -> tuple
     return torch.cat([p.detach().double().flatten() for p in model.parameters()]) - before, model
 
 
+@pytest.mark.slow
 def test_tuned_model_keeps_the_first_update_at_fp32_rounding():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

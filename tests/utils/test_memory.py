@@ -75,6 +75,7 @@ def all_combos(how, model):
     return [setting] + [c for c in how.sweep(model) if c != setting]
 
 
+@pytest.mark.slow
 def test_every_exact_schedule_gives_the_unconstrained_bits(demo):
     """Fusion by every rule, the flip, the sweep's sets and the kept maps: the same bits under one scale at a time,
     the flip apart and host memory; the batch split gives the same labels (CPU convolutions round differently
@@ -136,6 +137,7 @@ def test_predicted_eval_peak_is_within_10_percent_of_the_measured_count(demo, fa
         assert abs(predicted / measured - 1) < 0.10, (schedule.label, predicted, measured)
 
 
+@pytest.mark.slow
 def test_a_budget_below_the_unconstrained_peak_picks_an_exact_schedule_that_fits(demo, caplog):
     _, model = demo
     how = Inference.make([0.5, 1.0, 2.0], flip=True)
@@ -152,6 +154,7 @@ def test_a_budget_below_the_unconstrained_peak_picks_an_exact_schedule_that_fits
     assert "one scale at a time" in caplog.text and "over the budget" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_budget_below_every_exact_schedule_stops_before_the_first_image(demo):
     _, model = demo
     calls = []  # network passes on real images (the planner's traces run on fake tensors)

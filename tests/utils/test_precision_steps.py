@@ -127,6 +127,7 @@ def fp32_losses(device_type: str) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_training_follows_fp32(device, precision):
@@ -141,6 +142,7 @@ def test_low_precision_training_follows_fp32(device, precision):
     assert (skipped > 0) == (precision == "fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(device):
     device = torch.device(device)

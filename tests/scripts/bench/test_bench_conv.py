@@ -9,6 +9,7 @@ import pytest
 from scripts.bench import conv as bench_conv
 
 
+@pytest.mark.slow
 def test_tiny_model_table_and_json(tmp_path, capsys):
     out = tmp_path / "conv.json"
     results = bench_conv.main(["--models", "hmsa_deeplabv3plus", "--width", "tiny", "--crop", "32x32",
@@ -43,6 +44,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_rule_option_times_the_routes_of_that_rule(tmp_path, capsys):
     """`--rule avx2` on any machine: every row's route is the AVX2 rule's, which routes the larger convolutions."""
     from utils.runtime.cpu_tuning import conv_out_shape, weight_grad_route

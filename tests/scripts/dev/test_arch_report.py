@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from scripts.dev.arch_report import LAYER_OF, analyse, format_report, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
+@pytest.mark.slow
 def test_repository_has_no_import_cycle_and_no_upward_arrow():
     report = analyse(ROOT)
     assert report.module_cycles == [], format_report(report)
