@@ -57,7 +57,8 @@ from utils.cli import CliError, debug_enabled, one_line_errors, run_cli
 from utils.config import Config, ConfigError, load_config, load_yaml_values, to_dict, to_yaml
 from utils.engine import evaluate
 from utils.files import atomic_write_text
-from scripts.experiments.autolabel_page import ThresholdStats, sample_pictures, write_autolabel_page, write_pictures
+from utils.evaluation.visualize import write_images
+from scripts.experiments.autolabel_page import ThresholdStats, sample_pictures, write_autolabel_page
 from utils.evaluation.dumps import LabelIdWriter, train_to_label_lut
 from utils.inference import Inference
 from utils.runtime.dist import barrier, cleanup, init_distributed
@@ -395,7 +396,7 @@ def label_images(cfg, checkpoint: str, folder: str, threshold: float) -> dict:
         stats.add(train_ids, prob)
         if i in picks:
             pictures = sample_pictures(read_image(image_path), train_ids, prob, threshold, classes.palette)
-            files = write_pictures(os.path.join(folder, "page"), name.replace("/", "_"), pictures)
+            files = write_images(os.path.join(folder, "page"), name.replace("/", "_"), pictures)
             samples.append({"name": name, "files": files})
     if unlabelled:
         log(f"autolabel: {unlabelled} unreadable image(s) have no auto-label (skipped: data.skip_bad=true)")

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from utils.evaluation.results_page import STYLE, percent
-from utils.evaluation.visualize import write_rgb
 from utils.files import atomic_write_text
 
 BELOW = (0, 0, 0)  # colour of the pixels the threshold drops (ignore) in the thresholded mask
@@ -76,17 +75,6 @@ def sample_pictures(image: np.ndarray, train_ids: np.ndarray, prob: np.ndarray, 
     thresholded[~kept(prob, threshold)] = BELOW
     return {"input": image, "label": label, "prob": np.repeat(prob[..., None], 3, axis=2),
             "thresholded": thresholded}
-
-
-def write_pictures(folder: str, name: str, pictures: dict[str, np.ndarray]) -> dict[str, str]:
-    """`{folder}/{name}_{kind}.png` for each picture; returns {kind: path}."""
-    os.makedirs(folder, exist_ok=True)
-    out = {}
-    for kind, rgb in pictures.items():
-        path = os.path.join(folder, f"{name}_{kind}.png")
-        write_rgb(path, rgb)
-        out[kind] = path
-    return out
 
 
 def _class_table(stats: ThresholdStats, names: list[str]) -> str:

@@ -19,7 +19,8 @@ from datasets import DataError, build_dataset
 from datasets.synthetic import generate_synthetic_cityscapes
 from scripts.experiments import autolabel
 from utils.config import load_config, to_dict
-from scripts.experiments.autolabel_page import ThresholdStats, kept, sample_pictures, write_autolabel_page, write_pictures
+from utils.evaluation.visualize import write_images
+from scripts.experiments.autolabel_page import ThresholdStats, kept, sample_pictures, write_autolabel_page
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = [
@@ -104,7 +105,7 @@ def test_page_shows_the_class_table_and_the_pictures_side_by_side(tmp_path):
     assert pics["label"][0, 1].tolist() == [200, 100, 50] and pics["label"][1, 1].tolist() == [0, 0, 0]
     assert pics["thresholded"][0, 1].tolist() == [0, 0, 0] and pics["thresholded"][1, 0].tolist() == [200, 100, 50]
     assert pics["prob"][0, 1].tolist() == [10, 10, 10]
-    files = write_pictures(str(tmp_path / "page"), "img", pics)
+    files = write_images(str(tmp_path / "page"), "img", pics)
     stats = ThresholdStats(2, 0.5)
     stats.add(ids, prob)
     page = write_autolabel_page(str(tmp_path / "page" / "index.html"), "labels", stats, ["road", "car"],
